@@ -1,0 +1,51 @@
+"""create_app(): the FastAPI application and its lifespan."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import redis.asyncio as aioredis
+from fastapi import FastAPI
+
+from api import errors
+from api.catalog import Catalog
+from api.hub import StreamHub
+from api.routers import generation, health, models
+from schemas.queue import make_celery
+from schemas.registry import load_registry
+from schemas.settings import Settings, get_settings
+
+log = logging.getLogger("inferq.api")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        client = aioredis.Redis.from_url(settings.redis_url)
+        hub = StreamHub(client)
+        await hub.start()
+        registry = load_registry(settings.models_dir)
+        celery = make_celery(settings, name="inferq-api")
+        app.state.settings = settings
+        app.state.redis = client
+        app.state.hub = hub
+        app.state.catalog = Catalog(registry, client)
+        app.state.celery = celery
+        log.info("API ready; models in %s: %s", settings.models_dir, ", ".join(registry.models))
+        try:
+            yield
+        finally:
+            await hub.close()
+            await client.aclose()
+            celery.close()
+
+    app = FastAPI(title="inferq", version="0.1.0", lifespan=lifespan)
+    errors.install(app)
+    app.include_router(health.router)
+    app.include_router(models.router)
+    app.include_router(generation.router)
+    return app

@@ -1,0 +1,148 @@
+"""Serving logic shared by /v1/chat/completions and /v1/completions."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from api.errors import APIError
+from api.serving.chunks import DONE, PING, ChunkFormat, sse, usage_dict
+from api.serving.jobs import ClientGone, JobRunner, JobStream, unless_disconnected
+from schemas.events import Accepted, Done, ErrorEvent, TokenEvent
+from schemas.jobs import GenerateJob
+
+SSE_HEADERS = {
+    "Cache-Control": "no-cache",
+    # Reverse proxies (nginx) buffer responses unless told not to.
+    "X-Accel-Buffering": "no",
+}
+# A comment line keeps proxies and clients from timing out a quiet stream.
+PING_INTERVAL = 15.0
+
+
+def new_request_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def _error(event: ErrorEvent) -> APIError:
+    return APIError(
+        event.status,
+        event.message,
+        code=event.code,
+        type=event.error_type,
+        param=event.param,
+    )
+
+
+def _error_chunk(event: ErrorEvent) -> bytes:
+    return sse(
+        {
+            "error": {
+                "message": event.message,
+                "type": event.error_type,
+                "param": event.param,
+                "code": event.code,
+            }
+        }
+    )
+
+
+def _body(job: GenerateJob, created: int, text: str, done: Done) -> dict[str, Any]:
+    choice = done.choices[0] if done.choices else None
+    reason = choice.finish_reason if choice else "stop"
+    if job.endpoint == "chat.completions":
+        out_choice: dict[str, Any] = {
+            "index": 0,
+            "message": {"role": "assistant", "content": text},
+            "logprobs": None,
+            "finish_reason": reason,
+        }
+        kind = "chat.completion"
+    else:
+        out_choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
+        kind = "text_completion"
+    return {
+        "id": job.request_id,
+        "object": kind,
+        "created": created,
+        "model": job.model,
+        "system_fingerprint": None,
+        "choices": [out_choice],
+        "usage": usage_dict(done.usage),
+    }
+
+
+async def serve(
+    request: Request, runner: JobRunner, job: GenerateJob, *, include_usage: bool
+) -> Response:
+    created = int(time.time())
+    if not job.stream:
+        try:
+            async with runner.run(job) as stream:
+                parts, result = await unless_disconnected(request, stream.collect())
+        except ClientGone:
+            return Response(status_code=499)
+        if isinstance(result, ErrorEvent):
+            raise _error(result)
+        choice = result.choices[0] if result.choices else None
+        text = choice.text if choice and choice.text is not None else "".join(parts)
+        return JSONResponse(_body(job, created, text, result))
+
+    stack = contextlib.AsyncExitStack()
+    stream = await stack.enter_async_context(runner.run(job))
+    try:
+        first = await unless_disconnected(request, stream.first())
+    except BaseException:
+        await stack.aclose()
+        raise
+    if isinstance(first, ErrorEvent):
+        await stack.aclose()
+        raise _error(first)
+    fmt = ChunkFormat(
+        request_id=job.request_id,
+        model=job.model,
+        created=created,
+        chat=job.endpoint == "chat.completions",
+    )
+    return StreamingResponse(
+        _relay(stack, stream, fmt, first, include_usage),
+        media_type="text/event-stream",
+        headers=SSE_HEADERS,
+    )
+
+
+async def _relay(
+    stack: contextlib.AsyncExitStack,
+    stream: JobStream,
+    fmt: ChunkFormat,
+    first: Accepted | Done | ErrorEvent,
+    include_usage: bool,
+) -> AsyncIterator[bytes]:
+    async with stack:
+        if fmt.chat:
+            yield fmt.role(0)
+        event: Any = first
+        while not isinstance(event, (Done, ErrorEvent)):
+            try:
+                event = await stream.next(idle=PING_INTERVAL)
+            except APIError as exc:
+                event = ErrorEvent(exc.message, error_type=exc.type, code=exc.code)
+            if event is None:
+                yield PING
+            elif isinstance(event, TokenEvent):
+                yield fmt.token(event.index, event.text_json)
+        if isinstance(event, ErrorEvent):
+            # Headers are gone already: the failure travels as an event.
+            yield _error_chunk(event)
+        else:
+            for choice in event.choices:
+                yield fmt.finish(choice.index, choice.finish_reason)
+            if include_usage:
+                yield fmt.usage(event.usage)
+        yield DONE

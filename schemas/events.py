@@ -1,0 +1,107 @@
+"""Stream events a worker publishes on a request's pub/sub channel.
+
+Tokens are the hot path, so they skip JSON objects: a token event is
+`T<choice index>:<JSON string literal>`. The worker encodes the text once and
+the API splices the literal straight into its SSE chunk without decoding it.
+Every other event is a JSON object with a `type`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+TOKEN_PREFIX = b"T"
+
+
+@dataclass(frozen=True, slots=True)
+class TokenEvent:
+    index: int
+    # The text as a JSON string literal, quotes included.
+    text_json: bytes
+
+    @property
+    def text(self) -> str:
+        value: str = json.loads(self.text_json)
+        return value
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """The worker admitted the request: it fits and a slot will run it."""
+
+    prompt_tokens: int
+    type: str = "accepted"
+
+
+@dataclass(frozen=True, slots=True)
+class ChoiceResult:
+    index: int
+    finish_reason: str
+    # The whole text, for jobs that were not streamed.
+    text: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class Done:
+    choices: list[ChoiceResult]
+    usage: Usage
+    ttft_ms: float | None = None
+    duration_ms: float = 0.0
+    type: str = "done"
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorEvent:
+    """A failure; `status` is the HTTP status the API answers with when no
+    byte of the response has been sent yet."""
+
+    message: str
+    type: str = "error"
+    error_type: str = "server_error"
+    code: str = "internal_error"
+    status: int = 500
+    param: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+Event = TokenEvent | Accepted | Done | ErrorEvent
+
+
+def encode_token(index: int, text: str) -> bytes:
+    return b"T%d:%s" % (index, json.dumps(text, ensure_ascii=False).encode())
+
+
+def encode(event: Accepted | Done | ErrorEvent) -> bytes:
+    return json.dumps(asdict(event), separators=(",", ":")).encode()
+
+
+def decode(raw: bytes) -> Event:
+    if raw[:1] == TOKEN_PREFIX:
+        sep = raw.index(b":")
+        return TokenEvent(int(raw[1:sep]), raw[sep + 1 :])
+    data = json.loads(raw)
+    kind = data.pop("type")
+    if kind == "accepted":
+        return Accepted(**data)
+    if kind == "done":
+        return Done(
+            choices=[ChoiceResult(**c) for c in data["choices"]],
+            usage=Usage(**data["usage"]),
+            ttft_ms=data.get("ttft_ms"),
+            duration_ms=data.get("duration_ms", 0.0),
+        )
+    if kind == "error":
+        return ErrorEvent(**data)
+    raise ValueError(f"unknown stream event type {kind!r}")

@@ -1,0 +1,49 @@
+"""Job payloads the API enqueues and the workers run."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Endpoint = Literal["chat.completions", "completions"]
+
+
+class Message(BaseModel):
+    """A chat message as the template sees it: content already flattened."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    role: str
+    content: str
+    name: str | None = None
+
+
+class SamplingOptions(BaseModel):
+    """Per-request sampling; None means the model's (then llama-server's) default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0)
+    top_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    top_k: int | None = None
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    seed: int | None = None
+    stop: list[str] = Field(default_factory=list)
+
+
+class GenerateJob(BaseModel):
+    """An interactive completion or chat request, as a Celery task argument."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    request_id: str
+    model: str
+    endpoint: Endpoint
+    messages: list[Message] | None = None
+    prompt: str | None = None
+    sampling: SamplingOptions = Field(default_factory=SamplingOptions)
+    # Streamed jobs publish every token; the others publish only the final text.
+    stream: bool = False
+    enqueued_at: float = 0.0

@@ -1,0 +1,36 @@
+"""Every Redis key, pub/sub channel and Celery queue name inferq uses."""
+
+from __future__ import annotations
+
+PREFIX = "inferq"
+
+# Celery task names (the worker registers them, the API sends by name).
+TASK_GENERATE = "inferq.generate"
+
+# Hash: field "<model>|<worker id>" -> JSON WorkerInfo; refreshed by heartbeats.
+WORKERS = f"{PREFIX}:workers"
+
+
+def model_queue(model: str) -> str:
+    """Celery queue of interactive jobs for one model."""
+    return f"{PREFIX}.model.{model}"
+
+
+def stream_channel(request_id: str) -> str:
+    """Pub/sub channel a worker publishes a request's events on."""
+    return f"{PREFIX}:stream:{request_id}"
+
+
+def cancel_key(request_id: str) -> str:
+    """Set when a client goes away, so a queued job never starts."""
+    return f"{PREFIX}:cancelled:{request_id}"
+
+
+def cancel_channel(model: str) -> str:
+    """Pub/sub channel the API announces cancelled request ids on; every worker
+    of the model listens and stops the request within one decode step."""
+    return f"{PREFIX}:cancel:{model}"
+
+
+def worker_field(model: str, worker_id: str) -> str:
+    return f"{model}|{worker_id}"

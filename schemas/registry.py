@@ -1,0 +1,142 @@
+"""The model registry: LocalAI-style YAML files (and bare GGUF files) in the
+models directory. Both the API (routing, /v1/models) and the workers (loading)
+read it."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+log = logging.getLogger(__name__)
+
+
+class TemplateConfig(BaseModel):
+    """Prompt templates, Jinja2. `chat` renders the whole conversation (HF
+    style: `messages`, `add_generation_prompt`, `bos_token`, `eos_token`; when
+    `chat_message` is set it also gets `input`, the rendered messages joined).
+    `chat_message` renders one message (`role`, `content`). `completion`
+    wraps a completion prompt (`input`). `use_tokenizer_template` uses the
+    template stored in the GGUF."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    chat: str | None = None
+    chat_message: str | None = None
+    completion: str | None = None
+    use_tokenizer_template: bool = False
+
+
+class Parameters(BaseModel):
+    """`model` is the weights file, relative to the models directory; the
+    other keys are per-model sampling defaults a request may override."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    max_tokens: int | None = None
+
+
+class ModelConfig(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
+    backend: Literal["llama-cpp", "vllm"] = "llama-cpp"
+    parameters: Parameters
+    # Tokens of context per slot (every slot can hold a full context).
+    context_size: int = Field(default=2048, ge=16)
+    threads: int | None = Field(default=None, ge=1)
+    gpu_layers: int = Field(default=0, ge=-1)
+    parallel: int = Field(default=4, ge=1, le=256)
+    f16: bool = True
+    stopwords: list[str] = Field(default_factory=list)
+    template: TemplateConfig = Field(default_factory=TemplateConfig)
+    # Where the config came from, for error messages; not part of the YAML.
+    source: str = ""
+
+    def model_path(self, models_dir: Path) -> Path:
+        path = Path(self.parameters.model)
+        return path if path.is_absolute() else models_dir / path
+
+
+@dataclass
+class Registry:
+    models: dict[str, ModelConfig] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+
+    def resolve(self, name: str | None) -> ModelConfig | None:
+        """The model a request names; with exactly one model every name routes
+        to it, as LocalAI does."""
+        if name is not None and name in self.models:
+            return self.models[name]
+        if len(self.models) == 1:
+            return next(iter(self.models.values()))
+        return None
+
+
+def _format_error(source: Path, exc: ValidationError) -> list[str]:
+    out = []
+    for err in exc.errors():
+        loc = ".".join(str(part) for part in err["loc"]) or "(file)"
+        out.append(f"{source}: field '{loc}': {err['msg']}")
+    return out
+
+
+def _load_yaml(path: Path) -> tuple[ModelConfig | None, list[str]]:
+    try:
+        raw: Any = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        return None, [f"{path}: cannot read YAML: {exc}"]
+    if not isinstance(raw, dict):
+        return None, [f"{path}: expected a mapping of model settings"]
+    raw.setdefault("name", path.stem)
+    if isinstance(raw.get("parameters"), str):
+        # `parameters: model.gguf` shorthand.
+        raw["parameters"] = {"model": raw["parameters"]}
+    try:
+        config = ModelConfig.model_validate({**raw, "source": str(path)})
+    except ValidationError as exc:
+        return None, _format_error(path, exc)
+    return config, []
+
+
+def load_registry(models_dir: Path) -> Registry:
+    """Read every `*.yaml`/`*.yml` and bare `*.gguf` in `models_dir`. A broken
+    file is reported (file and field) and skipped; the others still load."""
+    registry = Registry()
+    if not models_dir.is_dir():
+        return registry
+    claimed: set[Path] = set()
+    for path in sorted([*models_dir.glob("*.yaml"), *models_dir.glob("*.yml")]):
+        config, errors = _load_yaml(path)
+        registry.errors.extend(errors)
+        if config is None:
+            continue
+        weights = config.model_path(models_dir)
+        if config.backend == "llama-cpp" and not weights.is_file():
+            registry.errors.append(f"{path}: field 'parameters.model': file not found: {weights}")
+            continue
+        if config.name in registry.models:
+            registry.errors.append(
+                f"{path}: field 'name': '{config.name}' is already defined by "
+                f"{registry.models[config.name].source}"
+            )
+            continue
+        claimed.add(weights.resolve())
+        registry.models[config.name] = config
+    for path in sorted(models_dir.glob("*.gguf")):
+        if path.resolve() in claimed or path.stem in registry.models:
+            continue
+        registry.models[path.stem] = ModelConfig(
+            name=path.stem, parameters=Parameters(model=path.name), source=str(path)
+        )
+    for error in registry.errors:
+        log.error("model registry: %s", error)
+    return registry

@@ -1,0 +1,57 @@
+"""One settings class for every inferq process, read from the environment."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_SQLITE_URL = "sqlite:///./data/inferq.db"
+
+
+def normalize_database_url(url: str) -> str:
+    """Map plain `postgresql://` URLs onto the psycopg 3 driver inferq ships."""
+    for prefix in ("postgres://", "postgresql://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    return url
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="INFERQ_", extra="ignore")
+
+    # REDIS_URL / DATABASE_URL are the names every hosting platform uses;
+    # the INFERQ_ forms are accepted too.
+    redis_url: str = Field(
+        default="redis://127.0.0.1:6379/0",
+        validation_alias=AliasChoices("REDIS_URL", "INFERQ_REDIS_URL"),
+    )
+    database_url: str = Field(
+        default=DEFAULT_SQLITE_URL,
+        validation_alias=AliasChoices("DATABASE_URL", "INFERQ_DATABASE_URL"),
+    )
+    models_dir: Path = Path("models")
+    data_dir: Path = Path("data")
+    host: str = "127.0.0.1"
+    port: int = 8080
+    log_level: str = "INFO"
+    # How long the API waits on an interactive request before giving up with a
+    # 504; queued jobs older than this are dropped by the worker (Celery expires).
+    request_timeout: float = 600.0
+    # Redis visibility timeout: an unacknowledged job is redelivered after this
+    # long, so it must exceed the longest job (bulk jobs included).
+    visibility_timeout: int = 6 * 3600
+    # Worker heartbeat period; /health treats a worker silent for 3 periods as gone.
+    heartbeat_interval: float = 5.0
+
+    @field_validator("database_url")
+    @classmethod
+    def _normalize_db(cls, value: str) -> str:
+        return normalize_database_url(value)
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

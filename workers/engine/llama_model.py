@@ -1,0 +1,163 @@
+"""A llama.cpp model and context through llama-cpp-python's low-level API.
+
+The high-level `Llama` class runs one sequence and reserves n_batch x n_vocab
+floats of scores; inferq needs many sequences in one context, so it talks to
+the C API directly."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import llama_cpp
+
+log = logging.getLogger("inferq.llama")
+
+_backend_lock = threading.Lock()
+_backend_ready = False
+
+
+@ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)  # type: ignore[untyped-decorator]
+def _log_callback(level: int, text: bytes | None, _user: ctypes.c_void_p) -> None:
+    # llama.cpp prints to stderr unless a callback takes its logs; keep them
+    # at debug except errors (GGML_LOG_LEVEL_ERROR = 4).
+    if not text:
+        return
+    message = text.decode("utf-8", errors="replace").rstrip()
+    if message:
+        log.log(logging.WARNING if level == 4 else logging.DEBUG, "%s", message)
+
+
+def init_backend() -> None:
+    global _backend_ready
+    with _backend_lock:
+        if not _backend_ready:
+            llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
+            llama_cpp.llama_backend_init()
+            _backend_ready = True
+
+
+@dataclass(frozen=True)
+class ContextOptions:
+    n_slots: int
+    n_ctx_per_slot: int
+    n_batch: int = 512
+    n_threads: int | None = None
+    gpu_layers: int = 0
+    f16_kv: bool = True
+
+
+class LlamaModel:
+    """Owns the llama_model and one llama_context with a KV stream per slot."""
+
+    def __init__(self, path: Path, options: ContextOptions) -> None:
+        init_backend()
+        if not path.is_file():
+            raise FileNotFoundError(f"model file not found: {path}")
+        mparams = llama_cpp.llama_model_default_params()
+        # -1 means every layer, as llama.cpp's -ngl 999.
+        mparams.n_gpu_layers = 999 if options.gpu_layers < 0 else options.gpu_layers
+        model = llama_cpp.llama_model_load_from_file(str(path).encode(), mparams)
+        if not model:
+            raise RuntimeError(f"llama.cpp could not load {path}")
+        self.model = model
+        self.vocab = llama_cpp.llama_model_get_vocab(model)
+        threads = options.n_threads or os.cpu_count() or 1
+        cparams = llama_cpp.llama_context_default_params()
+        # Without a unified KV cache llama.cpp splits n_ctx evenly across the
+        # sequences: every slot gets its own full context of n_ctx_per_slot.
+        cparams.n_ctx = options.n_ctx_per_slot * options.n_slots
+        cparams.n_seq_max = options.n_slots
+        cparams.kv_unified = False
+        cparams.n_batch = options.n_batch
+        cparams.n_ubatch = options.n_batch
+        cparams.n_threads = threads
+        cparams.n_threads_batch = threads
+        cparams.no_perf = True
+        if not options.f16_kv:
+            cparams.type_k = cparams.type_v = 0  # GGML_TYPE_F32
+        ctx = llama_cpp.llama_init_from_model(model, cparams)
+        if not ctx:
+            llama_cpp.llama_model_free(model)
+            raise RuntimeError(f"llama.cpp could not create a context for {path}")
+        self.ctx = ctx
+        self.memory = llama_cpp.llama_get_memory(ctx)
+        self.n_slots = options.n_slots
+        self.n_batch = options.n_batch
+        self.n_ctx_per_slot = int(llama_cpp.llama_n_ctx_seq(ctx))
+        self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self.vocab))
+        self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self.vocab))
+        self._pieces: dict[int, bytes] = {}
+        self._piece_buf = ctypes.create_string_buffer(256)
+        self._piece_lock = threading.Lock()
+
+    # -- vocabulary -------------------------------------------------------
+
+    def tokenize(self, text: str, *, add_special: bool, parse_special: bool = True) -> list[int]:
+        data = text.encode("utf-8")
+        capacity = len(data) + 8
+        while True:
+            buf = (llama_cpp.llama_token * capacity)()
+            n = llama_cpp.llama_tokenize(
+                self.vocab, data, len(data), buf, capacity, add_special, parse_special
+            )
+            if n >= 0:
+                return list(buf[:n])
+            capacity = -n
+
+    def piece(self, token: int) -> bytes:
+        """The bytes a token adds to the text (special tokens render empty)."""
+        cached = self._pieces.get(token)
+        if cached is not None:
+            return cached
+        with self._piece_lock:
+            n = llama_cpp.llama_token_to_piece(self.vocab, token, self._piece_buf, 256, 0, False)
+            data = self._piece_buf.raw[: max(n, 0)]
+        self._pieces[token] = data
+        return data
+
+    def special_text(self, token: int) -> str:
+        buf = ctypes.create_string_buffer(256)
+        n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, 256, 0, True)
+        return buf.raw[: max(n, 0)].decode("utf-8", errors="replace")
+
+    def is_eog(self, token: int) -> bool:
+        return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
+
+    @property
+    def bos_text(self) -> str:
+        token = int(llama_cpp.llama_vocab_bos(self.vocab))
+        return self.special_text(token) if token >= 0 else ""
+
+    @property
+    def eos_text(self) -> str:
+        token = int(llama_cpp.llama_vocab_eos(self.vocab))
+        return self.special_text(token) if token >= 0 else ""
+
+    def metadata(self, key: str) -> str | None:
+        size = 1 << 16
+        while True:
+            buf = ctypes.create_string_buffer(size)
+            n = llama_cpp.llama_model_meta_val_str(self.model, key.encode(), buf, size)
+            if n < 0:
+                return None
+            if n < size:
+                return buf.value.decode("utf-8", errors="replace")
+            size = n + 1
+
+    # -- KV cache ---------------------------------------------------------
+
+    def clear_slot(self, slot: int) -> None:
+        llama_cpp.llama_memory_seq_rm(self.memory, slot, -1, -1)
+
+    def close(self) -> None:
+        if getattr(self, "ctx", None):
+            llama_cpp.llama_free(self.ctx)
+            self.ctx = None
+        if getattr(self, "model", None):
+            llama_cpp.llama_model_free(self.model)
+            self.model = None

@@ -1,0 +1,67 @@
+"""Requests, results and the event sink an engine works with."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from schemas.events import Done, ErrorEvent
+
+# llama.cpp's sampling defaults (llama-server's), used where a request and the
+# model config say nothing.
+DEFAULT_TEMPERATURE = 0.8
+DEFAULT_TOP_K = 40
+DEFAULT_TOP_P = 0.95
+DEFAULT_MIN_P = 0.05
+
+
+@dataclass(frozen=True, slots=True)
+class Sampling:
+    temperature: float = DEFAULT_TEMPERATURE
+    top_k: int = DEFAULT_TOP_K
+    top_p: float = DEFAULT_TOP_P
+    min_p: float = DEFAULT_MIN_P
+    seed: int | None = None
+    max_tokens: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+class EventSink(Protocol):
+    """Receives the events of one engine step as (request id, encoded event)."""
+
+    def publish(self, events: Sequence[tuple[str, bytes]]) -> None: ...
+
+
+@dataclass(eq=False)
+class EngineRequest:
+    request_id: str
+    prompt_tokens: list[int]
+    sampling: Sampling
+    # Streamed requests get one event per token; the others one final event.
+    stream: bool = True
+    result: Done | ErrorEvent | None = None
+    cancelled: bool = False
+    finished: threading.Event = field(default_factory=threading.Event)
+
+    def cancel(self) -> None:
+        # Read by the engine thread at its next step; a bool store is atomic.
+        self.cancelled = True
+
+    def wait(self, timeout: float | None = None) -> Done | ErrorEvent | None:
+        self.finished.wait(timeout)
+        return self.result
+
+
+class ContextLengthExceeded(ValueError):
+    def __init__(self, *, prompt_tokens: int, max_tokens: int | None, n_ctx: int) -> None:
+        requested = prompt_tokens + (max_tokens or 0)
+        detail = f"{prompt_tokens} in the prompt" + (
+            f", {max_tokens} for the completion" if max_tokens else ""
+        )
+        super().__init__(
+            f"This model's maximum context length is {n_ctx} tokens. However, you "
+            f"requested {requested} tokens ({detail}). Please reduce the length of "
+            "the prompt or of max_tokens."
+        )

@@ -1,0 +1,144 @@
+"""Runs one generate job: template, tokenize, check the context, hand the
+request to the engine, wait, account. Plain functions; Celery only calls them."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import TypeVar
+
+import redis
+from sqlalchemy import Engine
+
+from schemas import keys
+from schemas.events import Accepted, Done, ErrorEvent, encode
+from schemas.jobs import GenerateJob
+from schemas.registry import ModelConfig
+from workers.engine.llama_engine import LlamaEngine
+from workers.engine.types import ContextLengthExceeded, EngineRequest, Sampling
+from workers.templates import PromptBuilder, PromptError
+from workers.usage import record_usage
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass
+class WorkerRuntime:
+    config: ModelConfig
+    engine: LlamaEngine
+    prompts: PromptBuilder
+    redis: redis.Redis
+    db: Engine
+    # Requests running here, by id, so a cancel message can reach them.
+    running: dict[str, EngineRequest]
+
+
+def resolve_sampling(job: GenerateJob, config: ModelConfig) -> Sampling:
+    """Request values first, then the model's configured defaults, then llama.cpp's."""
+    req, defaults = job.sampling, config.parameters
+    base = Sampling()
+    return Sampling(
+        temperature=_first(req.temperature, defaults.temperature, base.temperature),
+        top_k=_first(req.top_k, defaults.top_k, base.top_k),
+        top_p=_first(req.top_p, defaults.top_p, base.top_p),
+        min_p=_first(req.min_p, None, base.min_p),
+        seed=req.seed,
+        max_tokens=_first(req.max_tokens, defaults.max_tokens, None),
+        stop=tuple(dict.fromkeys([*req.stop, *config.stopwords])),
+    )
+
+
+def _first(*values: T | None) -> T:
+    for value in values:
+        if value is not None:
+            return value
+    return values[-1]  # type: ignore[return-value]
+
+
+def _publish(runtime: WorkerRuntime, request_id: str, event: Accepted | Done | ErrorEvent) -> None:
+    runtime.redis.publish(keys.stream_channel(request_id), encode(event))
+
+
+def build_prompt(runtime: WorkerRuntime, job: GenerateJob) -> list[int]:
+    engine = runtime.engine
+    if job.endpoint == "chat.completions":
+        text = runtime.prompts.chat(job.messages or [])
+    else:
+        text = runtime.prompts.completion(job.prompt or "")
+    # Templates usually write the BOS token themselves; never add a second one.
+    bos = engine.model.bos_text
+    add_special = engine.model.add_bos and not (bos and text.startswith(bos))
+    return engine.model.tokenize(text, add_special=add_special, parse_special=True)
+
+
+def run_generate(runtime: WorkerRuntime, payload: dict[str, object]) -> None:
+    job = GenerateJob.model_validate(payload)
+    try:
+        _run_generate(runtime, job)
+    except Exception as exc:
+        # Whatever broke, the client waiting on the channel hears of it.
+        log.exception("job %s failed", job.request_id)
+        _publish(runtime, job.request_id, ErrorEvent(message=f"inference failed: {exc}"))
+        raise
+
+
+def _run_generate(runtime: WorkerRuntime, job: GenerateJob) -> None:
+    started = time.perf_counter()
+
+    def account(status: str, prompt: int, completion: int, ttft: float | None) -> None:
+        record_usage(
+            runtime.db,
+            request_id=job.request_id,
+            model=runtime.config.name,
+            endpoint=job.endpoint,
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            ttft_ms=ttft,
+            duration_ms=(time.perf_counter() - started) * 1000,
+            status=status,
+        )
+
+    if runtime.redis.exists(keys.cancel_key(job.request_id)):
+        log.info("job %s was cancelled while queued", job.request_id)
+        account("cancelled", 0, 0, None)
+        return
+    try:
+        sampling = resolve_sampling(job, runtime.config)
+        tokens = build_prompt(runtime, job)
+        runtime.engine.check_fits(len(tokens), sampling.max_tokens)
+    except (PromptError, ContextLengthExceeded) as exc:
+        code = (
+            "context_length_exceeded"
+            if isinstance(exc, ContextLengthExceeded)
+            else "invalid_prompt"
+        )
+        param = "messages" if job.endpoint == "chat.completions" else "prompt"
+        _publish(
+            runtime,
+            job.request_id,
+            ErrorEvent(
+                message=str(exc),
+                error_type="invalid_request_error",
+                code=code,
+                status=400,
+                param=param,
+            ),
+        )
+        account("rejected", 0, 0, None)
+        return
+    request = EngineRequest(job.request_id, tokens, sampling, stream=job.stream)
+    _publish(runtime, job.request_id, Accepted(prompt_tokens=len(tokens)))
+    runtime.running[job.request_id] = request
+    try:
+        runtime.engine.submit(request)
+        result = request.wait()
+    finally:
+        runtime.running.pop(job.request_id, None)
+    if isinstance(result, Done):
+        reason = result.choices[0].finish_reason if result.choices else "stop"
+        status = "cancelled" if reason == "cancelled" else "completed"
+        account(status, result.usage.prompt_tokens, result.usage.completion_tokens, result.ttft_ms)
+    else:
+        account("failed", len(tokens), 0, None)

@@ -1,0 +1,114 @@
+"""Prompt templates: the model config's Jinja templates, else the chat
+template stored in the GGUF, else ChatML."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from jinja2 import Template, TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from schemas.jobs import Message
+from schemas.registry import ModelConfig
+
+log = logging.getLogger(__name__)
+
+CHATML = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+class PromptError(ValueError):
+    """The template could not render these messages (a 400, not a 500)."""
+
+
+def _raise(message: str) -> None:
+    raise PromptError(message)
+
+
+def _environment(*, keep_trailing_newline: bool = False) -> ImmutableSandboxedEnvironment:
+    # Templates come from model files and configs: render them sandboxed.
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=keep_trailing_newline
+    )
+    env.globals["raise_exception"] = _raise
+    env.globals["strftime_now"] = lambda fmt: datetime.now(UTC).strftime(fmt)
+    return env
+
+
+class PromptBuilder:
+    def __init__(
+        self,
+        config: ModelConfig,
+        *,
+        tokenizer_template: str | None,
+        bos_token: str,
+        eos_token: str,
+    ) -> None:
+        env = _environment()
+        # Per-message and completion templates (LocalAI style) usually end in
+        # a newline that belongs to the prompt; HF chat templates do not.
+        text_env = _environment(keep_trailing_newline=True)
+        tpl = config.template
+        self._bos = bos_token
+        self._eos = eos_token
+        self._message: Template | None = None
+        chat_source: str | None
+        if tpl.use_tokenizer_template:
+            if not tokenizer_template:
+                raise ValueError(
+                    f"{config.source}: field 'template.use_tokenizer_template': the "
+                    "model file carries no chat template"
+                )
+            chat_source = tokenizer_template
+        elif tpl.chat or tpl.chat_message:
+            chat_source = tpl.chat
+            if tpl.chat_message:
+                self._message = text_env.from_string(tpl.chat_message)
+        elif tokenizer_template:
+            chat_source = tokenizer_template
+        else:
+            log.warning(
+                "model %s has no chat template (neither in its config nor in its "
+                "weights file); using ChatML",
+                config.name,
+            )
+            chat_source = CHATML
+        self._chat = env.from_string(chat_source) if chat_source else None
+        self._completion = text_env.from_string(tpl.completion) if tpl.completion else None
+
+    def _common(self) -> dict[str, Any]:
+        return {"bos_token": self._bos, "eos_token": self._eos}
+
+    def chat(self, messages: Sequence[Message]) -> str:
+        plain = [m.model_dump(exclude_none=True) for m in messages]
+        try:
+            joined = None
+            if self._message is not None:
+                joined = "".join(
+                    self._message.render(index=i, **self._common(), **m)
+                    for i, m in enumerate(plain)
+                )
+                if self._chat is None:
+                    return joined
+            assert self._chat is not None
+            return self._chat.render(
+                messages=plain, input=joined, add_generation_prompt=True, **self._common()
+            )
+        except PromptError:
+            raise
+        except TemplateError as exc:
+            raise PromptError(f"the chat template failed on these messages: {exc}") from exc
+
+    def completion(self, prompt: str) -> str:
+        if self._completion is None:
+            return prompt
+        try:
+            return self._completion.render(input=prompt, **self._common())
+        except TemplateError as exc:
+            raise PromptError(f"the completion template failed: {exc}") from exc
