@@ -12,6 +12,7 @@ from fastapi import FastAPI
 from api import errors
 from api.catalog import Catalog
 from api.hub import StreamHub
+from api.middleware import AssumeJSONBody
 from api.routers import generation, health, models
 from schemas.queue import make_celery
 from schemas.registry import load_registry
@@ -45,6 +46,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(title="inferq", version="0.1.0", lifespan=lifespan)
     errors.install(app)
+    app.add_middleware(AssumeJSONBody)
     app.include_router(health.router)
     app.include_router(models.router)
     app.include_router(generation.router)

@@ -240,6 +240,15 @@ def _error(response: httpx.Response, status: int) -> dict[str, object]:
     return error
 
 
+def test_json_body_without_json_content_type(stack: Stack) -> None:
+    """`curl -d` sends form-encoded headers; the body is JSON all the same."""
+    body = json.dumps({"model": MODEL, "messages": MESSAGES, "max_tokens": 3})
+    for headers in ({"content-type": "application/x-www-form-urlencoded"}, {}):
+        response = httpx.post(stack.url + "/v1/chat/completions", content=body, headers=headers)
+        assert response.status_code == 200, response.text
+        assert response.json()["usage"]["completion_tokens"] == 3
+
+
 def test_bad_input_gets_openai_errors(stack: Stack) -> None:
     url = stack.url + "/v1/chat/completions"
     bad_json = httpx.post(
