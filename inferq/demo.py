@@ -42,6 +42,9 @@ name: {NAME}
 backend: llama-cpp
 parameters:
   model: {FILE}
+  # A base model rarely ends its turn by itself: cap answers unless the
+  # request asks for more.
+  max_tokens: 256
 context_size: 4096
 parallel: 8
 # threads: defaults to every core
