@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 TOKEN_PREFIX = b"T"
+LOGPROB_PREFIX = b"L"
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,6 +21,9 @@ class TokenEvent:
     index: int
     # The text as a JSON string literal, quotes included.
     text_json: bytes
+    # Per generated token: {"id", "token", "logprob", "bytes", "top_logprobs":
+    # [{"id", "token", "logprob", "bytes"}]}, when the request asked for them.
+    logprobs: list[dict[str, Any]] | None = None
 
     @property
     def text(self) -> str:
@@ -39,8 +43,9 @@ class Accepted:
 class ChoiceResult:
     index: int
     finish_reason: str
-    # The whole text, for jobs that were not streamed.
+    # The whole text (and its log-probabilities), for jobs that were not streamed.
     text: str | None = None
+    logprobs: list[dict[str, Any]] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +64,8 @@ class Done:
     usage: Usage
     ttft_ms: float | None = None
     duration_ms: float = 0.0
+    # Prompt tokens reused from a slot's KV cache instead of evaluated.
+    tokens_cached: int = 0
     type: str = "done"
 
 
@@ -83,6 +90,11 @@ def encode_token(index: int, text: str) -> bytes:
     return b"T%d:%s" % (index, json.dumps(text, ensure_ascii=False).encode())
 
 
+def encode_token_logprobs(index: int, text: str, logprobs: list[dict[str, Any]]) -> bytes:
+    body = json.dumps({"text": text, "logprobs": logprobs}, ensure_ascii=False)
+    return b"L%d:%s" % (index, body.encode())
+
+
 def encode(event: Accepted | Done | ErrorEvent) -> bytes:
     return json.dumps(asdict(event), separators=(",", ":")).encode()
 
@@ -91,6 +103,11 @@ def decode(raw: bytes) -> Event:
     if raw[:1] == TOKEN_PREFIX:
         sep = raw.index(b":")
         return TokenEvent(int(raw[1:sep]), raw[sep + 1 :])
+    if raw[:1] == LOGPROB_PREFIX:
+        sep = raw.index(b":")
+        body = json.loads(raw[sep + 1 :])
+        text_json = json.dumps(body["text"], ensure_ascii=False).encode()
+        return TokenEvent(int(raw[1:sep]), text_json, body["logprobs"])
     data = json.loads(raw)
     kind = data.pop("type")
     if kind == "accepted":
@@ -101,6 +118,7 @@ def decode(raw: bytes) -> Event:
             usage=Usage(**data["usage"]),
             ttft_ms=data.get("ttft_ms"),
             duration_ms=data.get("duration_ms", 0.0),
+            tokens_cached=data.get("tokens_cached", 0),
         )
     if kind == "error":
         return ErrorEvent(**data)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -29,8 +29,27 @@ class SamplingOptions(BaseModel):
     top_p: float | None = Field(default=None, ge=0.0, le=1.0)
     top_k: int | None = None
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    typical_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    min_keep: int | None = Field(default=None, ge=0)
+    repeat_penalty: float | None = Field(default=None, gt=0.0)
+    repeat_last_n: int | None = Field(default=None, ge=-1)
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    mirostat: Literal[0, 1, 2] | None = None
+    mirostat_tau: float | None = Field(default=None, gt=0.0)
+    mirostat_eta: float | None = Field(default=None, gt=0.0)
     seed: int | None = None
     stop: list[str] = Field(default_factory=list)
+    # (token id or text, bias); a bias of False bans the token(s).
+    logit_bias: list[tuple[int | str, float | bool]] = Field(default_factory=list)
+    grammar: str | None = None
+    # A JSON schema the output must follow; {} means any JSON object.
+    json_schema: dict[str, Any] | None = None
+    # Log-probabilities of the chosen tokens and this many alternatives.
+    logprobs: int | None = Field(default=None, ge=0, le=20)
+    ignore_eos: bool = False
+    n: int = Field(default=1, ge=1, le=64)
+    cache_prompt: bool = True
 
 
 class GenerateJob(BaseModel):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from schemas.jobs import Message, SamplingOptions
 
@@ -35,23 +35,77 @@ class ChatMessage(BaseModel):
         return Message(role=self.role, content=text, name=self.name)
 
 
-class _SamplingRequest(BaseModel):
-    """Fields the OpenAI and llama.cpp clients send on both endpoints. Unknown
-    fields are accepted and ignored, as OpenAI-compatible servers do."""
-
+class JSONSchemaFormat(BaseModel):
     model_config = ConfigDict(extra="allow")
+
+    name: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+    # llama-server's form: {"type": "json_object", "schema": {...}}
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and (
+            self.json_schema is None or self.json_schema.schema_ is None
+        ):
+            raise ValueError("type json_schema needs json_schema.schema")
+        return self
+
+    def schema_dict(self) -> dict[str, Any] | None:
+        """The JSON schema to constrain output with ({} for any object)."""
+        if self.type == "text":
+            return None
+        if self.type == "json_schema" and self.json_schema is not None:
+            return self.json_schema.schema_
+        return self.schema_ or {}
+
+
+LogitBias = dict[str, float | bool] | list[tuple[int | str, float | bool]]
+
+
+class _SamplingRequest(BaseModel):
+    """Fields the OpenAI and llama.cpp clients send on both endpoints (llama-server's
+    extras included). Unknown fields are accepted and ignored, as
+    OpenAI-compatible servers do."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
 
     model: str | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     max_tokens: int | None = Field(default=None, ge=1)
+    n_predict: int | None = Field(default=None, ge=-1)
     temperature: float | None = Field(default=None, ge=0.0)
     top_p: float | None = Field(default=None, ge=0.0, le=1.0)
     top_k: int | None = None
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    typical_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    min_keep: int | None = Field(default=None, ge=0)
+    repeat_penalty: float | None = Field(default=None, gt=0.0)
+    repeat_last_n: int | None = Field(default=None, ge=-1)
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    mirostat: Literal[0, 1, 2] | None = None
+    mirostat_tau: float | None = Field(default=None, gt=0.0)
+    mirostat_eta: float | None = Field(default=None, gt=0.0)
     seed: int | None = None
     stop: str | list[str] | None = None
-    n: int = Field(default=1, ge=1, le=1)
+    logit_bias: LogitBias | None = None
+    grammar: str | None = None
+    json_schema: dict[str, Any] | None = None
+    response_format: ResponseFormat | None = None
+    n_probs: int | None = Field(default=None, ge=0, le=20)
+    ignore_eos: bool = False
+    cache_prompt: bool = True
+    n: int = Field(default=1, ge=1, le=64)
     user: str | None = None
 
     @field_validator("stop")
@@ -67,7 +121,27 @@ class _SamplingRequest(BaseModel):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
     def token_limit(self) -> int | None:
-        return self.max_tokens
+        if self.max_tokens is not None:
+            return self.max_tokens
+        return self.n_predict if self.n_predict and self.n_predict > 0 else None
+
+    def logprob_count(self) -> int | None:
+        return self.n_probs if self.n_probs else None
+
+    def bias_list(self) -> list[tuple[int | str, float | bool]]:
+        if self.logit_bias is None:
+            return []
+        if isinstance(self.logit_bias, dict):
+            # OpenAI keys are token ids as strings; llama.cpp also allows text.
+            return [
+                (int(k) if k.lstrip("-").isdigit() else k, v) for k, v in self.logit_bias.items()
+            ]
+        return list(self.logit_bias)
+
+    def output_schema(self) -> dict[str, Any] | None:
+        if self.json_schema is not None:
+            return self.json_schema
+        return self.response_format.schema_dict() if self.response_format else None
 
     def sampling(self) -> SamplingOptions:
         return SamplingOptions(
@@ -76,8 +150,24 @@ class _SamplingRequest(BaseModel):
             top_p=self.top_p,
             top_k=self.top_k,
             min_p=self.min_p,
+            typical_p=self.typical_p,
+            min_keep=self.min_keep,
+            repeat_penalty=self.repeat_penalty,
+            repeat_last_n=self.repeat_last_n,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            mirostat=self.mirostat,
+            mirostat_tau=self.mirostat_tau,
+            mirostat_eta=self.mirostat_eta,
             seed=self.seed,
             stop=self.stop_list(),
+            logit_bias=self.bias_list(),
+            grammar=self.grammar,
+            json_schema=self.output_schema(),
+            logprobs=self.logprob_count(),
+            ignore_eos=self.ignore_eos,
+            n=self.n,
+            cache_prompt=self.cache_prompt,
         )
 
     @property
@@ -88,15 +178,29 @@ class _SamplingRequest(BaseModel):
 class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
 
     def token_limit(self) -> int | None:
-        return self.max_completion_tokens or self.max_tokens
+        return self.max_completion_tokens or super().token_limit()
+
+    def logprob_count(self) -> int | None:
+        if self.logprobs:
+            return self.top_logprobs or 0
+        return super().logprob_count()
 
 
 class CompletionRequest(_SamplingRequest):
     prompt: str | list[str]
-    # OpenAI's default for legacy completions is 16 tokens.
-    max_tokens: int | None = Field(default=16, ge=1)
+    logprobs: int | None = Field(default=None, ge=0, le=20)
+
+    def token_limit(self) -> int | None:
+        # OpenAI's default for legacy completions is 16 tokens.
+        limit = super().token_limit()
+        return 16 if limit is None and self.n_predict is None else limit
+
+    def logprob_count(self) -> int | None:
+        return self.logprobs if self.logprobs is not None else super().logprob_count()
 
     @field_validator("prompt")
     @classmethod

@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import TypeVar
 
 import redis
 from sqlalchemy import Engine
@@ -16,12 +15,12 @@ from schemas.events import Accepted, Done, ErrorEvent, encode
 from schemas.jobs import GenerateJob
 from schemas.registry import ModelConfig
 from workers.engine.llama_engine import LlamaEngine
-from workers.engine.types import ContextLengthExceeded, EngineRequest, Sampling
+from workers.engine.types import ContextLengthExceeded, EngineRequest, TooManyChoices
+from workers.sampling_options import SamplingError, resolve_sampling
 from workers.templates import PromptBuilder, PromptError
 from workers.usage import record_usage
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 
 @dataclass
@@ -33,28 +32,6 @@ class WorkerRuntime:
     db: Engine
     # Requests running here, by id, so a cancel message can reach them.
     running: dict[str, EngineRequest]
-
-
-def resolve_sampling(job: GenerateJob, config: ModelConfig) -> Sampling:
-    """Request values first, then the model's configured defaults, then llama.cpp's."""
-    req, defaults = job.sampling, config.parameters
-    base = Sampling()
-    return Sampling(
-        temperature=_first(req.temperature, defaults.temperature, base.temperature),
-        top_k=_first(req.top_k, defaults.top_k, base.top_k),
-        top_p=_first(req.top_p, defaults.top_p, base.top_p),
-        min_p=_first(req.min_p, None, base.min_p),
-        seed=req.seed,
-        max_tokens=_first(req.max_tokens, defaults.max_tokens, None),
-        stop=tuple(dict.fromkeys([*req.stop, *config.stopwords])),
-    )
-
-
-def _first(*values: T | None) -> T:
-    for value in values:
-        if value is not None:
-            return value
-    return values[-1]  # type: ignore[return-value]
 
 
 def _publish(runtime: WorkerRuntime, request_id: str, event: Accepted | Done | ErrorEvent) -> None:
@@ -105,16 +82,19 @@ def _run_generate(runtime: WorkerRuntime, job: GenerateJob) -> None:
         account("cancelled", 0, 0, None)
         return
     try:
-        sampling = resolve_sampling(job, runtime.config)
+        sampling = resolve_sampling(job, runtime.config, runtime.engine.model)
         tokens = build_prompt(runtime, job)
-        runtime.engine.check_fits(len(tokens), sampling.max_tokens)
-    except (PromptError, ContextLengthExceeded) as exc:
-        code = (
-            "context_length_exceeded"
-            if isinstance(exc, ContextLengthExceeded)
-            else "invalid_prompt"
-        )
-        param = "messages" if job.endpoint == "chat.completions" else "prompt"
+        runtime.engine.check_fits(len(tokens), sampling.max_tokens, sampling.n)
+    except (PromptError, ContextLengthExceeded, TooManyChoices, SamplingError) as exc:
+        code, param = "invalid_request_error", None
+        if isinstance(exc, ContextLengthExceeded):
+            code = "context_length_exceeded"
+        elif isinstance(exc, TooManyChoices):
+            param = "n"
+        elif isinstance(exc, SamplingError):
+            param = exc.param
+        if isinstance(exc, (PromptError, ContextLengthExceeded)):
+            param = "messages" if job.endpoint == "chat.completions" else "prompt"
         _publish(
             runtime,
             job.request_id,

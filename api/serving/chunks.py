@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from schemas.events import Usage
+from api.serving import logprobs
+from schemas.events import TokenEvent, Usage
 
 DONE = b"data: [DONE]\n\n"
 PING = b": ping\n\n"
@@ -54,6 +55,25 @@ class ChunkFormat:
         else:
             body = b'{"index":%d,"text":%s,"logprobs":null,"finish_reason":null}'
         return self._head + body % (index, text_json) + b"]}\n\n"
+
+    def token_logprobs(self, event: TokenEvent, text_offset: int) -> bytes:
+        """The slow path: a token chunk that carries log-probabilities."""
+        assert event.logprobs is not None
+        if self.chat:
+            choice: dict[str, Any] = {
+                "index": event.index,
+                "delta": {"content": event.text},
+                "logprobs": logprobs.chat(event.logprobs),
+            }
+        else:
+            choice = {
+                "index": event.index,
+                "text": event.text,
+                "logprobs": logprobs.completion(event.logprobs, text_offset),
+            }
+        choice["finish_reason"] = None
+        body = json.dumps([choice], separators=(",", ":"), ensure_ascii=False)
+        return self._head + body[1:].encode() + b"}\n\n"
 
     def finish(self, index: int, reason: str) -> bytes:
         if self.chat:

@@ -12,6 +12,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from api.errors import APIError
+from api.serving import logprobs
 from api.serving.chunks import DONE, PING, ChunkFormat, sse, usage_dict
 from api.serving.jobs import ClientGone, JobRunner, JobStream, unless_disconnected
 from schemas.events import Accepted, Done, ErrorEvent, TokenEvent
@@ -53,27 +54,41 @@ def _error_chunk(event: ErrorEvent) -> bytes:
     )
 
 
-def _body(job: GenerateJob, created: int, text: str, done: Done) -> dict[str, Any]:
-    choice = done.choices[0] if done.choices else None
-    reason = choice.finish_reason if choice else "stop"
-    if job.endpoint == "chat.completions":
-        out_choice: dict[str, Any] = {
-            "index": 0,
-            "message": {"role": "assistant", "content": text},
-            "logprobs": None,
-            "finish_reason": reason,
-        }
-        kind = "chat.completion"
-    else:
-        out_choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
-        kind = "text_completion"
+def _body(
+    job: GenerateJob, created: int, parts: dict[int, list[str]], done: Done
+) -> dict[str, Any]:
+    chat = job.endpoint == "chat.completions"
+    choices: list[dict[str, Any]] = []
+    for result in done.choices:
+        text = result.text if result.text is not None else "".join(parts.get(result.index, []))
+        lp = None
+        if result.logprobs is not None:
+            lp = logprobs.chat(result.logprobs) if chat else logprobs.completion(result.logprobs)
+        if chat:
+            choices.append(
+                {
+                    "index": result.index,
+                    "message": {"role": "assistant", "content": text},
+                    "logprobs": lp,
+                    "finish_reason": result.finish_reason,
+                }
+            )
+        else:
+            choices.append(
+                {
+                    "index": result.index,
+                    "text": text,
+                    "logprobs": lp,
+                    "finish_reason": result.finish_reason,
+                }
+            )
     return {
         "id": job.request_id,
-        "object": kind,
+        "object": "chat.completion" if chat else "text_completion",
         "created": created,
         "model": job.model,
         "system_fingerprint": None,
-        "choices": [out_choice],
+        "choices": choices,
         "usage": usage_dict(done.usage),
     }
 
@@ -90,9 +105,7 @@ async def serve(
             return Response(status_code=499)
         if isinstance(result, ErrorEvent):
             raise _error(result)
-        choice = result.choices[0] if result.choices else None
-        text = choice.text if choice and choice.text is not None else "".join(parts)
-        return JSONResponse(_body(job, created, text, result))
+        return JSONResponse(_body(job, created, parts, result))
 
     stack = contextlib.AsyncExitStack()
     stream = await stack.enter_async_context(runner.run(job))
@@ -125,8 +138,11 @@ async def _relay(
     include_usage: bool,
 ) -> AsyncIterator[bytes]:
     async with stack:
+        n = stream.job.sampling.n
         if fmt.chat:
-            yield fmt.role(0)
+            for index in range(n):
+                yield fmt.role(index)
+        offsets = [0] * n
         event: Any = first
         while not isinstance(event, (Done, ErrorEvent)):
             try:
@@ -136,7 +152,11 @@ async def _relay(
             if event is None:
                 yield PING
             elif isinstance(event, TokenEvent):
-                yield fmt.token(event.index, event.text_json)
+                if event.logprobs is None:
+                    yield fmt.token(event.index, event.text_json)
+                else:
+                    yield fmt.token_logprobs(event, offsets[event.index])
+                    offsets[event.index] += sum(len(e["token"]) for e in event.logprobs)
         if isinstance(event, ErrorEvent):
             # Headers are gone already: the failure travels as an event.
             yield _error_chunk(event)

@@ -62,12 +62,12 @@ class JobStream:
                 assert event is not None
                 return event
 
-    async def collect(self) -> tuple[list[str], Done | ErrorEvent]:
-        parts: list[str] = []
+    async def collect(self) -> tuple[dict[int, list[str]], Done | ErrorEvent]:
+        parts: dict[int, list[str]] = {}
         while True:
             event = await self.next()
             if isinstance(event, TokenEvent):
-                parts.append(event.text)
+                parts.setdefault(event.index, []).append(event.text)
             elif isinstance(event, (Done, ErrorEvent)):
                 return parts, event
 

@@ -3,71 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
-import threading
 import time
-from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
 
-from schemas.events import Done, TokenEvent, decode
+from schemas.events import Done
+from tests.workers.conftest import RecordingSink, prompt_tokens, run, text_of
 from workers.engine.llama_engine import LlamaEngine
 from workers.engine.llama_model import ContextOptions, LlamaModel
 from workers.engine.types import ContextLengthExceeded, EngineRequest, Sampling
-
-
-class RecordingSink:
-    def __init__(self) -> None:
-        self.events: dict[str, list[object]] = {}
-        self.steps = 0
-        self._lock = threading.Lock()
-
-    def publish(self, events: Sequence[tuple[str, bytes]]) -> None:
-        with self._lock:
-            self.steps += 1
-            for request_id, raw in events:
-                self.events.setdefault(request_id, []).append(decode(raw))
-
-    def pieces(self, request_id: str) -> list[str]:
-        return [e.text for e in self.events[request_id] if isinstance(e, TokenEvent)]
-
-
-@pytest.fixture
-def engine(tiny_gguf: Path) -> Iterator[tuple[LlamaEngine, RecordingSink]]:
-    sink = RecordingSink()
-    model = LlamaModel(
-        tiny_gguf, ContextOptions(n_slots=4, n_ctx_per_slot=512, n_batch=64, n_threads=1)
-    )
-    engine = LlamaEngine(model, sink)
-    yield engine, sink
-    engine.close()
-
-
-def _prompt(engine: LlamaEngine, text: str) -> list[int]:
-    return engine.model.tokenize(text, add_special=True)
-
-
-def _run(
-    engine: LlamaEngine, prompts: list[str], sampling: Sampling, stream: bool = True
-) -> list[EngineRequest]:
-    requests = [
-        EngineRequest(f"r{i}-{time.monotonic_ns()}", _prompt(engine, p), sampling, stream=stream)
-        for i, p in enumerate(prompts)
-    ]
-    engine.submit(*requests)
-    for request in requests:
-        assert request.wait(timeout=60) is not None
-    return requests
-
-
-def _text(request: EngineRequest, sink: RecordingSink) -> str:
-    if request.stream:
-        return "".join(sink.pieces(request.request_id))
-    assert isinstance(request.result, Done)
-    text = request.result.choices[0].text
-    assert text is not None
-    return text
-
 
 GREEDY = Sampling(temperature=0.0, max_tokens=24)
 
@@ -76,14 +21,14 @@ def test_generates_until_max_tokens_and_counts_usage(
     engine: tuple[LlamaEngine, RecordingSink],
 ) -> None:
     eng, sink = engine
-    [request] = _run(eng, ["hello world"], GREEDY)
+    [request] = run(eng, ["hello world"], GREEDY)
     result = request.result
     assert isinstance(result, Done)
     assert result.choices[0].finish_reason == "length"
     assert result.usage.completion_tokens == 24
-    assert result.usage.prompt_tokens == len(_prompt(eng, "hello world"))
+    assert result.usage.prompt_tokens == len(prompt_tokens(eng, "hello world"))
     assert result.ttft_ms is not None and result.ttft_ms <= result.duration_ms
-    text = _text(request, sink)
+    text = text_of(request, sink)
     assert len(text.split()) >= 10
     # The done event is the last thing on the channel.
     assert isinstance(sink.events[request.request_id][-1], Done)
@@ -93,21 +38,21 @@ def test_non_streamed_request_gets_one_final_event(
     engine: tuple[LlamaEngine, RecordingSink],
 ) -> None:
     eng, sink = engine
-    [streamed] = _run(eng, ["the cat"], GREEDY)
-    [whole] = _run(eng, ["the cat"], GREEDY, stream=False)
+    [streamed] = run(eng, ["the cat"], GREEDY)
+    [whole] = run(eng, ["the cat"], GREEDY, stream=False)
     assert [type(e) for e in sink.events[whole.request_id]] == [Done]
-    assert _text(whole, sink) == _text(streamed, sink)
+    assert text_of(whole, sink) == text_of(streamed, sink)
 
 
 def test_output_does_not_depend_on_the_other_sequences(
     engine: tuple[LlamaEngine, RecordingSink],
 ) -> None:
     eng, sink = engine
-    first = _run(eng, ["hello world", "the sun is big", "one two", "we can go"], GREEDY)
-    second = _run(eng, ["hello world", "a long time", "my old way", "what is it"], GREEDY)
-    assert _text(first[0], sink) == _text(second[0], sink)
+    first = run(eng, ["hello world", "the sun is big", "one two", "we can go"], GREEDY)
+    second = run(eng, ["hello world", "a long time", "my old way", "what is it"], GREEDY)
+    assert text_of(first[0], sink) == text_of(second[0], sink)
     # ...and the batch partners really were different.
-    assert _text(first[1], sink) != _text(second[1], sink)
+    assert text_of(first[1], sink) != text_of(second[1], sink)
 
 
 def test_batched_steps_decode_all_sequences_together(
@@ -115,21 +60,21 @@ def test_batched_steps_decode_all_sequences_together(
 ) -> None:
     eng, sink = engine
     before = sink.steps
-    _run(eng, ["a", "b", "c", "d"], Sampling(temperature=0.0, max_tokens=20))
+    run(eng, ["a", "b", "c", "d"], Sampling(temperature=0.0, max_tokens=20))
     # Four sequences of 20 tokens in about 20 steps, not 80.
     assert sink.steps - before <= 25
 
 
 def test_stop_string_across_a_token_boundary(engine: tuple[LlamaEngine, RecordingSink]) -> None:
     eng, sink = engine
-    [plain] = _run(eng, ["hello world"], GREEDY)
+    [plain] = run(eng, ["hello world"], GREEDY)
     pieces = sink.pieces(plain.request_id)
     full = "".join(pieces)
     # The end of the 5th piece plus the start of the 6th.
     boundary = len("".join(pieces[:5]))
     stop = full[boundary - 2 : boundary + 2]
     assert stop not in full[: boundary - 2]
-    [stopped] = _run(eng, ["hello world"], Sampling(temperature=0.0, max_tokens=24, stop=(stop,)))
+    [stopped] = run(eng, ["hello world"], Sampling(temperature=0.0, max_tokens=24, stop=(stop,)))
     result = stopped.result
     assert isinstance(result, Done) and result.choices[0].finish_reason == "stop"
     streamed = sink.pieces(stopped.request_id)
@@ -141,30 +86,30 @@ def test_stop_string_across_a_token_boundary(engine: tuple[LlamaEngine, Recordin
 def test_seed_makes_sampling_reproducible(engine: tuple[LlamaEngine, RecordingSink]) -> None:
     eng, sink = engine
     sampling = Sampling(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, max_tokens=24, seed=7)
-    a, b = _run(eng, ["hello", "hello"], sampling)
-    [c] = _run(eng, ["hello"], dataclasses.replace(sampling, seed=8))
-    assert _text(a, sink) == _text(b, sink)
-    assert _text(a, sink) != _text(c, sink)
+    a, b = run(eng, ["hello", "hello"], sampling)
+    [c] = run(eng, ["hello"], dataclasses.replace(sampling, seed=8))
+    assert text_of(a, sink) == text_of(b, sink)
+    assert text_of(a, sink) != text_of(c, sink)
 
 
 def test_top_k_one_equals_greedy(engine: tuple[LlamaEngine, RecordingSink]) -> None:
     eng, sink = engine
-    [greedy] = _run(eng, ["hello"], GREEDY)
-    [top1] = _run(eng, ["hello"], Sampling(temperature=1.5, top_k=1, max_tokens=24, seed=3))
-    [hot] = _run(
+    [greedy] = run(eng, ["hello"], GREEDY)
+    [top1] = run(eng, ["hello"], Sampling(temperature=1.5, top_k=1, max_tokens=24, seed=3))
+    [hot] = run(
         eng, ["hello"], Sampling(temperature=1.5, top_k=0, top_p=1.0, max_tokens=24, seed=3)
     )
-    assert _text(top1, sink) == _text(greedy, sink)
-    assert _text(hot, sink) != _text(greedy, sink)
+    assert text_of(top1, sink) == text_of(greedy, sink)
+    assert text_of(hot, sink) != text_of(greedy, sink)
 
 
 def test_long_prompt_is_evaluated_in_chunks(engine: tuple[LlamaEngine, RecordingSink]) -> None:
     eng, sink = engine
     long_prompt = " ".join(["the big dog"] * 60)
-    tokens = _prompt(eng, long_prompt)
+    tokens = prompt_tokens(eng, long_prompt)
     assert len(tokens) > 64 * 2  # more than two batches of 64
     before = sink.steps
-    [request] = _run(eng, [long_prompt], Sampling(temperature=0.0, max_tokens=4))
+    [request] = run(eng, [long_prompt], Sampling(temperature=0.0, max_tokens=4))
     assert isinstance(request.result, Done)
     assert request.result.usage.prompt_tokens == len(tokens)
     assert sink.steps - before >= 3
@@ -184,9 +129,9 @@ def test_cancel_frees_the_slot_for_a_waiting_request(tiny_gguf: Path) -> None:
     model = LlamaModel(tiny_gguf, ContextOptions(n_slots=1, n_ctx_per_slot=4096, n_threads=1))
     eng = LlamaEngine(model, sink)
     try:
-        long = EngineRequest("long", _prompt(eng, "hello"), Sampling(temperature=0.0))
+        long = EngineRequest("long", prompt_tokens(eng, "hello"), Sampling(temperature=0.0))
         short = EngineRequest(
-            "short", _prompt(eng, "world"), Sampling(temperature=0.0, max_tokens=5)
+            "short", prompt_tokens(eng, "world"), Sampling(temperature=0.0, max_tokens=5)
         )
         eng.submit(long)
         eng.submit(short)

@@ -4,7 +4,8 @@ One engine thread owns the context. Every step it decodes, in a single
 `llama_decode`, the next token of every generating sequence plus chunks of
 the prompts still being evaluated, then samples each sequence with its own
 sampler chain. Requests join between steps and leave as soon as they finish,
-freeing their slot and KV cells."""
+freeing their slots; a slot keeps its KV cache so that the next prompt with
+the same prefix only evaluates the rest."""
 
 from __future__ import annotations
 
@@ -12,72 +13,43 @@ import collections
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import llama_cpp
 import numpy as np
 
-from schemas.events import ChoiceResult, Done, ErrorEvent, Usage, encode, encode_token
+from schemas.events import (
+    ChoiceResult,
+    Done,
+    ErrorEvent,
+    Usage,
+    encode,
+    encode_token,
+    encode_token_logprobs,
+)
 from workers.engine.llama_model import LlamaModel
+from workers.engine.sampling import build_chain, choice_seed, logprobs_at
+from workers.engine.sequence import Group, Sequence, common_prefix
 from workers.engine.text import TextAssembler
 from workers.engine.types import (
     ContextLengthExceeded,
     EngineRequest,
     EventSink,
-    Sampling,
+    TooManyChoices,
 )
 
 log = logging.getLogger("inferq.engine")
 
-
-def build_sampler(sampling: Sampling) -> Any:
-    """A sampler chain for one sequence (llama_sampler_p)."""
-    chain: Any = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
-    if sampling.temperature <= 0.0:
-        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
-        return chain
-    # llama.cpp's default order: top_k, top_p, min_p, temperature, then draw.
-    if sampling.top_k > 0:
-        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_k(sampling.top_k))
-    if sampling.top_p < 1.0:
-        llama_cpp.llama_sampler_chain_add(
-            chain, llama_cpp.llama_sampler_init_top_p(sampling.top_p, 1)
-        )
-    if sampling.min_p > 0.0:
-        llama_cpp.llama_sampler_chain_add(
-            chain, llama_cpp.llama_sampler_init_min_p(sampling.min_p, 1)
-        )
-    llama_cpp.llama_sampler_chain_add(
-        chain, llama_cpp.llama_sampler_init_temp(sampling.temperature)
-    )
-    seed = llama_cpp.LLAMA_DEFAULT_SEED if sampling.seed is None else sampling.seed & 0xFFFFFFFF
-    llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_dist(seed))
-    return chain
+Out = list[tuple[str, bytes]]
 
 
-@dataclass(eq=False)
-class _Sequence:
-    request: EngineRequest
-    slot: int
-    sampler: Any  # llama_sampler_p
-    max_tokens: int
-    text: TextAssembler
-    n_evaluated: int = 0  # prompt tokens already in the KV cache
-    n_generated: int = 0
-    last_token: int = -1
-    logits_index: int = -1
-    started: float = field(default_factory=time.perf_counter)
-    first_token_at: float | None = None
-
-    @property
-    def prefilling(self) -> bool:
-        return self.n_evaluated < len(self.request.prompt_tokens)
-
-    @property
-    def position(self) -> int:
-        # Position of the next token to decode.
-        return self.n_evaluated + max(self.n_generated - 1, 0)
+@dataclass
+class EngineStats:
+    steps: int = 0
+    prompt_tokens_evaluated: int = 0
+    prompt_tokens_cached: int = 0
+    tokens_generated: int = 0
 
 
 class LlamaEngine:
@@ -86,11 +58,14 @@ class LlamaEngine:
         self.sink = sink
         self.n_slots = model.n_slots
         self.n_ctx_per_slot = model.n_ctx_per_slot
+        self.stats = EngineStats()
         self._incoming: collections.deque[EngineRequest] = collections.deque()
         self._waiting: collections.deque[EngineRequest] = collections.deque()
         self._wake = threading.Condition()
-        self._free_slots = list(range(self.n_slots - 1, -1, -1))
-        self._active: list[_Sequence] = []
+        self._free_slots = list(range(self.n_slots))
+        # Tokens whose KV entries each slot holds, for prompt prefix reuse.
+        self._slot_tokens: list[list[int]] = [[] for _ in range(self.n_slots)]
+        self._active: list[Sequence] = []
         self._finished: list[EngineRequest] = []
         self._stopping = False
         n_batch = model.n_batch
@@ -105,18 +80,21 @@ class LlamaEngine:
 
     # -- public -------------------------------------------------------------
 
-    def check_fits(self, prompt_tokens: int, max_tokens: int | None) -> None:
-        """Raise ContextLengthExceeded unless prompt (+ max_tokens) fits a slot."""
+    def check_fits(self, prompt_tokens: int, max_tokens: int | None, n: int = 1) -> None:
+        """Raise unless the prompt (+ max_tokens) fits a slot and n slots exist."""
         needed = prompt_tokens + (max_tokens or 1)
         if prompt_tokens == 0 or needed > self.n_ctx_per_slot:
             raise ContextLengthExceeded(
                 prompt_tokens=prompt_tokens, max_tokens=max_tokens, n_ctx=self.n_ctx_per_slot
             )
+        if n > self.n_slots:
+            raise TooManyChoices(n, self.n_slots)
 
     def submit(self, *requests: EngineRequest) -> None:
         """Queue requests; several given together join the same step."""
         for request in requests:
-            self.check_fits(len(request.prompt_tokens), request.sampling.max_tokens)
+            sampling = request.sampling
+            self.check_fits(len(request.prompt_tokens), sampling.max_tokens, sampling.n)
         with self._wake:
             self._incoming.extend(requests)
             self._wake.notify()
@@ -140,7 +118,7 @@ class LlamaEngine:
                     break
                 self._waiting.extend(self._incoming)
                 self._incoming.clear()
-            out: list[tuple[str, bytes]] = []
+            out: Out = []
             try:
                 self._admit(out)
                 if self._active:
@@ -154,10 +132,10 @@ class LlamaEngine:
         for seq in list(self._active):
             self._fail(seq, out, "worker shutting down", status=503)
         for request in [*self._waiting, *self._incoming]:
-            self._finish_request(request, ErrorEvent("worker shutting down", status=503), out)
+            self._finish(request, ErrorEvent("worker shutting down", status=503), out)
         self._flush(out)
 
-    def _flush(self, out: list[tuple[str, bytes]]) -> None:
+    def _flush(self, out: Out) -> None:
         if out:
             try:
                 self.sink.publish(out)
@@ -169,35 +147,84 @@ class LlamaEngine:
             request.finished.set()
         self._finished.clear()
 
-    def _admit(self, out: list[tuple[str, bytes]]) -> None:
+    def _admit(self, out: Out) -> None:
         for request in [r for r in self._waiting if r.cancelled]:
             self._waiting.remove(request)
-            self._finish_request(request, self._cancelled_result(request, 0, None, 0.0), out)
-        while self._waiting and self._free_slots:
+            self._finish(request, _cancelled(request), out)
+        while self._waiting and len(self._free_slots) >= self._waiting[0].sampling.n:
             request = self._waiting.popleft()
-            slot = self._free_slots.pop()
-            prompt = len(request.prompt_tokens)
-            max_tokens = request.sampling.max_tokens or (self.n_ctx_per_slot - prompt)
-            self.model.clear_slot(slot)
-            self._active.append(
-                _Sequence(
-                    request=request,
-                    slot=slot,
-                    sampler=build_sampler(request.sampling),
-                    max_tokens=max_tokens,
-                    text=TextAssembler(request.sampling.stop),
-                )
-            )
+            group = Group(request)
+            prompt = request.prompt_tokens
+            primary_slot, reused = self._pick_slot(prompt, request.sampling.cache_prompt)
+            group.tokens_cached = reused
+            self.stats.prompt_tokens_cached += reused
+            primary = self._new_sequence(group, 0, primary_slot)
+            primary.n_evaluated = reused
+            self._active.append(primary)
+            for index in range(1, request.sampling.n):
+                slot = self._free_slots.pop()
+                self._clear_slot(slot)
+                sibling = self._new_sequence(group, index, slot)
+                sibling.fork_of = primary
+                self._active.append(sibling)
 
-    def _step(self, out: list[tuple[str, bytes]]) -> None:
+    def _pick_slot(self, prompt: list[int], cache_prompt: bool) -> tuple[int, int]:
+        """The free slot caching the longest prefix of `prompt`, and how many
+        of its tokens can be reused."""
+        best, best_len = self._free_slots[0], -1
+        for slot in self._free_slots:
+            shared = common_prefix(self._slot_tokens[slot], prompt) if cache_prompt else 0
+            if shared > best_len:
+                best, best_len = slot, shared
+        self._free_slots.remove(best)
+        # At least the last prompt token is evaluated again: it yields the logits.
+        reuse = min(best_len, len(prompt) - 1)
+        if reuse <= 0 or not self._truncate_slot(best, reuse):
+            self._clear_slot(best)
+            return best, 0
+        return best, reuse
+
+    def _truncate_slot(self, slot: int, keep: int) -> bool:
+        mem = self.model.memory
+        if not llama_cpp.llama_memory_seq_rm(mem, slot, keep, -1):
+            return False
+        # Sliding-window layers drop old cells: the prefix is only reusable when
+        # the window before `keep` is still there (as llama-server checks).
+        n_swa = self.model.n_swa
+        if n_swa > 0 and llama_cpp.llama_memory_seq_pos_min(mem, slot) > max(0, keep - n_swa):
+            return False
+        del self._slot_tokens[slot][keep:]
+        return True
+
+    def _clear_slot(self, slot: int) -> None:
+        self.model.clear_slot(slot)
+        self._slot_tokens[slot].clear()
+
+    def _new_sequence(self, group: Group, index: int, slot: int) -> Sequence:
+        request = group.request
+        sampling = request.sampling
+        prompt = request.prompt_tokens
+        chain = build_chain(
+            sampling,
+            vocab=self.model.vocab,
+            n_vocab=self.model.n_vocab,
+            seed=choice_seed(sampling.seed, index),
+            history=prompt,
+            banned=self.model.eog_tokens() if sampling.ignore_eos else [],
+        )
+        return Sequence(
+            group=group,
+            index=index,
+            slot=slot,
+            sampler=chain,
+            max_tokens=sampling.max_tokens or (self.n_ctx_per_slot - len(prompt)),
+            text=TextAssembler(sampling.stop),
+        )
+
+    def _step(self, out: Out) -> None:
         for seq in [s for s in self._active if s.request.cancelled]:
-            self._release(seq)
-            elapsed = (time.perf_counter() - seq.started) * 1000
-            self._finish_request(
-                seq.request,
-                self._cancelled_result(seq.request, seq.n_generated, seq.first_token_at, elapsed),
-                out,
-            )
+            if seq in self._active:
+                self._cancel_group(seq.group, out)
         if not self._active:
             return
         n = 0
@@ -205,16 +232,18 @@ class LlamaEngine:
         # Generating sequences first: one token each keeps every stream moving.
         for seq in self._active:
             seq.logits_index = -1
-            if not seq.prefilling:
+            if not seq.prefilling and not seq.waiting:
                 self._tokens[n] = seq.last_token
                 self._pos[n] = seq.position
                 batch.seq_id[n][0] = seq.slot
                 self._logits[n] = 1
+                self._slot_tokens[seq.slot].append(seq.last_token)
                 seq.logits_index = n
                 n += 1
         # Prompt chunks fill the rest of the batch, so a long prompt is spread
         # over several steps instead of stalling the streams already running.
         budget = self.model.n_batch - n
+        completed: list[Sequence] = []
         for seq in self._active:
             if budget <= 0:
                 break
@@ -228,35 +257,60 @@ class LlamaEngine:
             self._logits[n : n + take] = 0
             for i in range(n, n + take):
                 batch.seq_id[i][0] = seq.slot
+            self._slot_tokens[seq.slot].extend(prompt[start : start + take])
             seq.n_evaluated += take
+            self.stats.prompt_tokens_evaluated += take
             n += take
             budget -= take
             if not seq.prefilling:
                 self._logits[n - 1] = 1
                 seq.logits_index = n - 1
+                completed.append(seq)
         batch.n_tokens = n
         rc = llama_cpp.llama_decode(self.model.ctx, batch)
         if rc != 0:
             raise RuntimeError(f"llama_decode returned {rc}")
+        self.stats.steps += 1
+        for primary in completed:
+            self._fork(primary)
         for seq in list(self._active):
-            if seq.logits_index >= 0:
+            if seq.logits_index >= 0 and seq in self._active:
                 token = llama_cpp.llama_sampler_sample(
                     seq.sampler, self.model.ctx, seq.logits_index
                 )
                 self._on_token(seq, int(token), out)
 
-    def _on_token(self, seq: _Sequence, token: int, out: list[tuple[str, bytes]]) -> None:
+    def _fork(self, primary: Sequence) -> None:
+        """Siblings of a request take a copy of its evaluated prompt (the copy
+        happens inside the next decode) and sample from the same logits."""
+        for seq in self._active:
+            if seq.fork_of is primary:
+                llama_cpp.llama_memory_seq_cp(self.model.memory, primary.slot, seq.slot, -1, -1)
+                self._slot_tokens[seq.slot] = list(self._slot_tokens[primary.slot])
+                seq.fork_of = None
+                seq.n_evaluated = primary.n_evaluated
+                seq.logits_index = primary.logits_index
+
+    def _on_token(self, seq: Sequence, token: int, out: Out) -> None:
         request = seq.request
-        if seq.first_token_at is None:
-            seq.first_token_at = time.perf_counter()
+        group = seq.group
+        if group.first_token_at is None:
+            group.first_token_at = _now()
+        if request.sampling.logprobs is not None:
+            entry = self._logprob_entry(seq, token)
         if self.model.is_eog(token):
             self._complete(seq, "stop", out)
             return
         seq.n_generated += 1
+        group.n_generated += 1
+        self.stats.tokens_generated += 1
         seq.last_token = token
         text = seq.text.push(self.model.piece(token))
-        if text and request.stream:
-            out.append((request.request_id, encode_token(0, text)))
+        if request.sampling.logprobs is not None:
+            seq.logprobs.append(entry)
+            seq.pending_logprobs.append(entry)
+        if request.stream:
+            self._emit(seq, text, out)
         if seq.text.stopped:
             self._complete(seq, "stop", out)
         elif (
@@ -265,58 +319,69 @@ class LlamaEngine:
         ):
             self._complete(seq, "length", out)
 
-    def _complete(self, seq: _Sequence, reason: str, out: list[tuple[str, bytes]]) -> None:
-        if reason != "stop" or not seq.text.stopped:
+    def _emit(self, seq: Sequence, text: str, out: Out) -> None:
+        request_id = seq.request.request_id
+        if seq.request.sampling.logprobs is None:
+            if text:
+                out.append((request_id, encode_token(seq.index, text)))
+        elif text or seq.text.stopped:
+            out.append((request_id, encode_token_logprobs(seq.index, text, seq.pending_logprobs)))
+            seq.pending_logprobs = []
+
+    def _logprob_entry(self, seq: Sequence, token: int) -> dict[str, Any]:
+        n_top = seq.request.sampling.logprobs or 0
+        lp = logprobs_at(self.model.ctx, seq.logits_index, self.model.n_vocab, token, n_top)
+        return {
+            **self._token_info(token),
+            "logprob": lp.logprob,
+            "top_logprobs": [{**self._token_info(t), "logprob": v} for t, v in lp.top],
+        }
+
+    def _token_info(self, token: int) -> dict[str, Any]:
+        piece = self.model.piece(token)
+        return {"id": token, "token": piece.decode("utf-8", "replace"), "bytes": list(piece)}
+
+    def _complete(self, seq: Sequence, reason: str, out: Out) -> None:
+        if not seq.text.stopped:
             tail = seq.text.finish()
-            if tail and seq.request.stream:
-                out.append((seq.request.request_id, encode_token(0, tail)))
+            if seq.request.stream and (tail or seq.pending_logprobs):
+                self._emit(seq, tail, out)
+        seq.group.choices[seq.index] = seq.finish(reason)
         self._release(seq)
-        now = time.perf_counter()
-        result = Done(
-            choices=[
-                ChoiceResult(
-                    index=0,
-                    finish_reason=reason,
-                    text=None if seq.request.stream else seq.text.text,
-                )
-            ],
-            usage=Usage(len(seq.request.prompt_tokens), seq.n_generated),
-            ttft_ms=_ms(seq.first_token_at, seq.started),
-            duration_ms=(now - seq.started) * 1000,
-        )
-        self._finish_request(seq.request, result, out)
+        if seq.group.complete:
+            self._finish(seq.request, seq.group.result(), out)
 
-    def _fail(
-        self, seq: _Sequence, out: list[tuple[str, bytes]], message: str, status: int = 500
-    ) -> None:
-        self._release(seq)
-        error = ErrorEvent(message=message, status=status)
-        self._finish_request(seq.request, error, out)
+    def _cancel_group(self, group: Group, out: Out) -> None:
+        for seq in [s for s in self._active if s.group is group]:
+            self._release(seq)
+        result = group.result()
+        choices = [ChoiceResult(index=i, finish_reason="cancelled") for i in range(group.n)]
+        self._finish(group.request, Done(choices, result.usage, None, result.duration_ms), out)
 
-    def _release(self, seq: _Sequence) -> None:
+    def _fail(self, seq: Sequence, out: Out, message: str, status: int = 500) -> None:
+        for other in [s for s in self._active if s.group is seq.group]:
+            self._release(other, keep_cache=False)
+        self._finish(seq.request, ErrorEvent(message=message, status=status), out)
+
+    def _release(self, seq: Sequence, *, keep_cache: bool = True) -> None:
         self._active.remove(seq)
         llama_cpp.llama_sampler_free(seq.sampler)
-        self.model.clear_slot(seq.slot)
+        if not (keep_cache and seq.request.sampling.cache_prompt) or seq.waiting:
+            self._clear_slot(seq.slot)
         self._free_slots.append(seq.slot)
 
-    @staticmethod
-    def _cancelled_result(
-        request: EngineRequest, generated: int, first: float | None, elapsed_ms: float
-    ) -> Done:
-        return Done(
-            choices=[ChoiceResult(index=0, finish_reason="cancelled")],
-            usage=Usage(len(request.prompt_tokens), generated),
-            ttft_ms=None,
-            duration_ms=elapsed_ms,
-        )
-
-    def _finish_request(
-        self, request: EngineRequest, result: Done | ErrorEvent, out: list[tuple[str, bytes]]
-    ) -> None:
+    def _finish(self, request: EngineRequest, result: Done | ErrorEvent, out: Out) -> None:
+        if request.result is not None:
+            return
         request.result = result
         out.append((request.request_id, encode(result)))
         self._finished.append(request)
 
 
-def _ms(end: float | None, start: float) -> float | None:
-    return None if end is None else (end - start) * 1000
+def _cancelled(request: EngineRequest) -> Done:
+    choices = [ChoiceResult(index=i, finish_reason="cancelled") for i in range(request.sampling.n)]
+    return Done(choices=choices, usage=Usage(len(request.prompt_tokens), 0))
+
+
+def _now() -> float:
+    return time.perf_counter()

@@ -91,6 +91,8 @@ class LlamaModel:
         self.n_ctx_per_slot = int(llama_cpp.llama_n_ctx_seq(ctx))
         self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self.vocab))
         self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self.vocab))
+        self.n_swa = int(llama_cpp.llama_model_n_swa(model))
+        self._eog: list[int] | None = None
         self._pieces: dict[int, bytes] = {}
         self._piece_buf = ctypes.create_string_buffer(256)
         self._piece_lock = threading.Lock()
@@ -127,6 +129,13 @@ class LlamaModel:
 
     def is_eog(self, token: int) -> bool:
         return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
+
+    def eog_tokens(self) -> list[int]:
+        """Every end-of-generation token (banned for ignore_eos); found once."""
+        if self._eog is None:
+            is_eog = llama_cpp.llama_vocab_is_eog
+            self._eog = [t for t in range(self.n_vocab) if is_eog(self.vocab, t)]
+        return self._eog
 
     @property
     def bos_text(self) -> str:

@@ -9,23 +9,45 @@ from typing import Protocol
 
 from schemas.events import Done, ErrorEvent
 
-# llama.cpp's sampling defaults (llama-server's), used where a request and the
-# model config say nothing.
+# llama-server's sampling defaults, used where a request and the model config
+# say nothing.
 DEFAULT_TEMPERATURE = 0.8
 DEFAULT_TOP_K = 40
 DEFAULT_TOP_P = 0.95
 DEFAULT_MIN_P = 0.05
+DEFAULT_REPEAT_LAST_N = 64
 
 
 @dataclass(frozen=True, slots=True)
 class Sampling:
+    """Resolved sampling settings of one request (every choice shares them)."""
+
     temperature: float = DEFAULT_TEMPERATURE
     top_k: int = DEFAULT_TOP_K
     top_p: float = DEFAULT_TOP_P
     min_p: float = DEFAULT_MIN_P
+    typical_p: float = 1.0
+    min_keep: int = 0
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = DEFAULT_REPEAT_LAST_N
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    mirostat: int = 0
+    mirostat_tau: float = 5.0
+    mirostat_eta: float = 0.1
     seed: int | None = None
     max_tokens: int | None = None
     stop: tuple[str, ...] = ()
+    # (token id, bias); -inf bans the token.
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    # GBNF, already converted from a JSON schema where one was given.
+    grammar: str | None = None
+    # Log-probabilities of the chosen token plus this many alternatives;
+    # None: no log-probabilities at all.
+    logprobs: int | None = None
+    ignore_eos: bool = False
+    n: int = 1
+    cache_prompt: bool = True
 
 
 class EventSink(Protocol):
@@ -65,3 +87,8 @@ class ContextLengthExceeded(ValueError):
             f"requested {requested} tokens ({detail}). Please reduce the length of "
             "the prompt or of max_tokens."
         )
+
+
+class TooManyChoices(ValueError):
+    def __init__(self, n: int, slots: int) -> None:
+        super().__init__(f"n={n} needs {n} parallel slots; this model has {slots}")

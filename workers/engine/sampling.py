@@ -1,0 +1,136 @@
+"""Per-sequence sampler chains and log-probabilities, on llama.cpp's samplers.
+
+The chain follows llama-server's order: logit bias, grammar, penalties, then
+top_k, typical, top_p, min_p, temperature and the draw (or mirostat)."""
+
+from __future__ import annotations
+
+import ctypes
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import llama_cpp
+import numpy as np
+
+from workers.engine.types import Sampling
+
+
+class GrammarError(ValueError):
+    """The grammar does not parse (a 400)."""
+
+
+def _add(chain: Any, sampler: Any) -> None:
+    llama_cpp.llama_sampler_chain_add(chain, sampler)
+
+
+def grammar_sampler(vocab: Any, grammar: str) -> Any:
+    sampler = llama_cpp.llama_sampler_init_grammar(vocab, grammar.encode(), b"root")
+    if not sampler:
+        raise GrammarError("the grammar could not be parsed (GBNF, with a `root` rule)")
+    return sampler
+
+
+def check_grammar(vocab: Any, grammar: str) -> None:
+    llama_cpp.llama_sampler_free(grammar_sampler(vocab, grammar))
+
+
+def build_chain(
+    sampling: Sampling,
+    *,
+    vocab: Any,
+    n_vocab: int,
+    seed: int,
+    history: list[int],
+    banned: list[int],
+) -> Any:
+    """A sampler chain for one sequence; `history` primes the penalties (the
+    prompt counts, as in llama-server); `banned` tokens never come out."""
+    chain: Any = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+    biases = list(sampling.logit_bias) + [(t, -math.inf) for t in banned]
+    if biases:
+        array = (llama_cpp.llama_logit_bias * len(biases))()
+        for i, (token, bias) in enumerate(biases):
+            array[i] = llama_cpp.llama_logit_bias(token, bias)
+        _add(chain, llama_cpp.llama_sampler_init_logit_bias(n_vocab, len(biases), array))
+    if sampling.grammar:
+        _add(chain, grammar_sampler(vocab, sampling.grammar))
+    if (
+        sampling.repeat_penalty != 1.0
+        or sampling.presence_penalty != 0.0
+        or sampling.frequency_penalty != 0.0
+    ):
+        last_n = n_vocab if sampling.repeat_last_n < 0 else sampling.repeat_last_n
+        penalties = llama_cpp.llama_sampler_init_penalties(
+            n_vocab,
+            last_n,
+            sampling.repeat_penalty,
+            sampling.frequency_penalty,
+            sampling.presence_penalty,
+        )
+        for token in history[-last_n:] if last_n > 0 else []:
+            llama_cpp.llama_sampler_accept(penalties, token)
+        _add(chain, penalties)
+    min_keep = max(sampling.min_keep, 1)
+    if sampling.temperature <= 0.0:
+        _add(chain, llama_cpp.llama_sampler_init_greedy())
+    elif sampling.mirostat == 1:
+        _add(chain, llama_cpp.llama_sampler_init_temp(sampling.temperature))
+        _add(
+            chain,
+            llama_cpp.llama_sampler_init_mirostat(
+                n_vocab, seed, sampling.mirostat_tau, sampling.mirostat_eta, 100
+            ),
+        )
+    elif sampling.mirostat == 2:
+        _add(chain, llama_cpp.llama_sampler_init_temp(sampling.temperature))
+        _add(
+            chain,
+            llama_cpp.llama_sampler_init_mirostat_v2(
+                seed, sampling.mirostat_tau, sampling.mirostat_eta
+            ),
+        )
+    else:
+        if sampling.top_k > 0:
+            _add(chain, llama_cpp.llama_sampler_init_top_k(sampling.top_k))
+        if sampling.typical_p < 1.0:
+            _add(chain, llama_cpp.llama_sampler_init_typical(sampling.typical_p, min_keep))
+        if sampling.top_p < 1.0:
+            _add(chain, llama_cpp.llama_sampler_init_top_p(sampling.top_p, min_keep))
+        if sampling.min_p > 0.0:
+            _add(chain, llama_cpp.llama_sampler_init_min_p(sampling.min_p, min_keep))
+        _add(chain, llama_cpp.llama_sampler_init_temp(sampling.temperature))
+        _add(chain, llama_cpp.llama_sampler_init_dist(seed))
+    return chain
+
+
+def choice_seed(seed: int | None, index: int) -> int:
+    """Choice i of a seeded request draws with seed + i, so n > 1 choices differ
+    but the request as a whole is reproducible."""
+    if seed is None:
+        return int(llama_cpp.LLAMA_DEFAULT_SEED)
+    return (seed + index) & 0xFFFFFFFF
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+def logprobs_at(ctx: Any, index: int, n_vocab: int, token: int, top_n: int) -> TokenLogprob:
+    """Log-probability of `token` and the top_n alternatives under the model's
+    raw distribution at batch position `index` (before sampling filters)."""
+    pointer = llama_cpp.llama_get_logits_ith(ctx, index)
+    logits = np.ctypeslib.as_array(
+        ctypes.cast(pointer, ctypes.POINTER(ctypes.c_float)), shape=(n_vocab,)
+    )
+    peak = float(logits.max())
+    log_z = peak + math.log(float(np.exp(logits - peak).sum()))
+    top: list[tuple[int, float]] = []
+    if top_n > 0:
+        best = np.argpartition(-logits, top_n)[:top_n]
+        best = best[np.argsort(-logits[best])]
+        top = [(int(t), float(logits[t]) - log_z) for t in best]
+    return TokenLogprob(token, float(logits[token]) - log_z, top)

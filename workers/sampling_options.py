@@ -1,0 +1,100 @@
+"""Turn a job's sampling options into the engine's resolved Sampling:
+request first, then the model's configured defaults, then llama-server's.
+Token strings in logit_bias are tokenized; JSON schemas become GBNF."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import TypeVar
+
+from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
+
+from schemas.jobs import GenerateJob
+from schemas.registry import ModelConfig
+from workers.engine.llama_model import LlamaModel
+from workers.engine.sampling import check_grammar
+from workers.engine.types import Sampling
+
+T = TypeVar("T")
+
+
+class SamplingError(ValueError):
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def _first(*values: T | None) -> T:
+    for value in values:
+        if value is not None:
+            return value
+    return values[-1]  # type: ignore[return-value]
+
+
+def _logit_bias(job: GenerateJob, model: LlamaModel) -> tuple[tuple[int, float], ...]:
+    out: list[tuple[int, float]] = []
+    for key, bias in job.sampling.logit_bias:
+        value = -math.inf if bias is False else float(bias)
+        if isinstance(key, str):
+            tokens = model.tokenize(key, add_special=False, parse_special=False)
+        else:
+            tokens = [key]
+        for token in tokens:
+            if not 0 <= token < model.n_vocab:
+                raise SamplingError(
+                    f"logit_bias: token {token} is not in the vocabulary", "logit_bias"
+                )
+            out.append((token, value))
+    return tuple(out)
+
+
+def _grammar(job: GenerateJob, model: LlamaModel) -> str | None:
+    options = job.sampling
+    grammar = options.grammar
+    if options.json_schema is not None:
+        if grammar:
+            raise SamplingError("give either grammar or json_schema, not both", "grammar")
+        if options.json_schema:
+            try:
+                grammar = json_schema_to_gbnf(json.dumps(options.json_schema))
+            except Exception as exc:
+                raise SamplingError(f"json_schema cannot be used: {exc}", "json_schema") from exc
+        else:
+            grammar = JSON_GBNF
+    if grammar:
+        try:
+            check_grammar(model.vocab, grammar)
+        except ValueError as exc:
+            param = "json_schema" if options.json_schema is not None else "grammar"
+            raise SamplingError(str(exc), param) from exc
+    return grammar
+
+
+def resolve_sampling(job: GenerateJob, config: ModelConfig, model: LlamaModel) -> Sampling:
+    req, defaults = job.sampling, config.parameters
+    base = Sampling()
+    return Sampling(
+        temperature=_first(req.temperature, defaults.temperature, base.temperature),
+        top_k=_first(req.top_k, defaults.top_k, base.top_k),
+        top_p=_first(req.top_p, defaults.top_p, base.top_p),
+        min_p=_first(req.min_p, base.min_p),
+        typical_p=_first(req.typical_p, base.typical_p),
+        min_keep=_first(req.min_keep, base.min_keep),
+        repeat_penalty=_first(req.repeat_penalty, base.repeat_penalty),
+        repeat_last_n=_first(req.repeat_last_n, base.repeat_last_n),
+        presence_penalty=_first(req.presence_penalty, base.presence_penalty),
+        frequency_penalty=_first(req.frequency_penalty, base.frequency_penalty),
+        mirostat=_first(req.mirostat, base.mirostat),
+        mirostat_tau=_first(req.mirostat_tau, base.mirostat_tau),
+        mirostat_eta=_first(req.mirostat_eta, base.mirostat_eta),
+        seed=req.seed,
+        max_tokens=_first(req.max_tokens, defaults.max_tokens, None),
+        stop=tuple(dict.fromkeys([*req.stop, *config.stopwords])),
+        logit_bias=_logit_bias(job, model),
+        grammar=_grammar(job, model),
+        logprobs=req.logprobs,
+        ignore_eos=req.ignore_eos,
+        n=req.n,
+        cache_prompt=req.cache_prompt,
+    )
