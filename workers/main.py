@@ -71,6 +71,7 @@ def run_worker(model_name: str, *, gpu: int | None = None) -> int:
         redis=client,
         db=make_engine(settings.database_url),
         running={},
+        worker_id=f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}",
     )
     app = make_celery(settings, name=f"inferq-worker-{config.name}")
     register(app, runtime)
@@ -80,7 +81,7 @@ def run_worker(model_name: str, *, gpu: int | None = None) -> int:
         if request is not None:
             request.cancel()
 
-    worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    worker_id = runtime.worker_id
     heartbeat = Heartbeat(
         client,
         model=config.name,

@@ -32,6 +32,7 @@ class WorkerRuntime:
     db: Engine
     # Requests running here, by id, so a cancel message can reach them.
     running: dict[str, EngineRequest]
+    worker_id: str = ""
 
 
 def _publish(runtime: WorkerRuntime, request_id: str, event: Accepted | Done | ErrorEvent) -> None:
@@ -75,6 +76,7 @@ def _run_generate(runtime: WorkerRuntime, job: GenerateJob) -> None:
             ttft_ms=ttft,
             duration_ms=(time.perf_counter() - started) * 1000,
             status=status,
+            worker=runtime.worker_id,
         )
 
     if runtime.redis.exists(keys.cancel_key(job.request_id)):

@@ -23,6 +23,7 @@ def record_usage(
     ttft_ms: float | None,
     duration_ms: float,
     status: str,
+    worker: str | None = None,
 ) -> None:
     try:
         with Session(engine) as session, session.begin():
@@ -36,6 +37,7 @@ def record_usage(
                     ttft_ms=ttft_ms,
                     duration_ms=duration_ms,
                     status=status,
+                    worker=worker,
                 )
             )
     except Exception:

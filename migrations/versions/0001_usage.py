@@ -34,6 +34,7 @@ def upgrade() -> None:
         sa.Column("ttft_ms", sa.Float(), nullable=True),
         sa.Column("duration_ms", sa.Float(), nullable=False),
         sa.Column("status", sa.String(32), nullable=False),
+        sa.Column("worker", sa.String(128), nullable=True),
     )
     op.create_index("ix_usage_created_at", "usage", ["created_at"])
     op.create_index("ix_usage_model_created_at", "usage", ["model", "created_at"])

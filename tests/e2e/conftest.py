@@ -23,6 +23,7 @@ class Stack:
     url: str
     database_url: str
     log: Path
+    env: dict[str, str]
 
     def client(self) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0)
@@ -89,7 +90,7 @@ def stack(
         assert response.json()["error"]["code"] == "no_worker_ready"
         worker = inferq(["worker", "--model", MODEL], env, log)
         wait_status(url + "/health", 200, 60, log)
-        yield Stack(url, database_url, log)
+        yield Stack(url, database_url, log, env)
     finally:
         stop(api)
         if worker is not None:

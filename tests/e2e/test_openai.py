@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import httpx
 import openai
 import pytest
+import redis
 from openai.types import Completion
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from tests.e2e.conftest import MODEL, Stack
+from tests.procs import inferq, stop
 
 MESSAGES = [{"role": "user", "content": "hello world"}]
 
@@ -236,3 +239,43 @@ def test_concurrent_async_clients(stack: Stack) -> None:
 
     texts = asyncio.run(main())
     assert len(texts) == 6 and all(t.strip() for t in texts)
+
+
+def test_a_second_worker_shares_the_queue(stack: Stack) -> None:
+    """Scale-out: another worker for the same model (same REDIS_URL) takes
+    jobs from the same queue with no other change."""
+    log = stack.log.parent / "worker2.log"
+    second = inferq(["worker", "--model", MODEL], stack.env, log)
+    try:
+        deadline = time.monotonic() + 60
+        while len(_workers(stack)) < 2:
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+
+        async def burst() -> list[str]:
+            client = openai.AsyncOpenAI(base_url=stack.url + "/v1", api_key="x", max_retries=0)
+            results = await asyncio.gather(
+                *[
+                    client.completions.create(
+                        model=MODEL,
+                        prompt="hi",
+                        max_tokens=400,
+                        temperature=0,
+                        extra_body={"ignore_eos": True},
+                    )
+                    for _ in range(6)
+                ]
+            )
+            await client.close()
+            return [r.id for r in results]
+
+        ids = asyncio.run(burst())
+        served_by = {stack.usage(i)["worker"] for i in ids}
+        assert len(served_by) == 2
+    finally:
+        stop(second)
+
+
+def _workers(stack: Stack) -> list[bytes]:
+    raw = redis.Redis.from_url(stack.env["REDIS_URL"]).hgetall("inferq:workers")
+    return [v for k, v in raw.items() if k.decode().startswith(MODEL + "|")]
