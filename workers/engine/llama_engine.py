@@ -42,6 +42,12 @@ from workers.engine.types import (
 log = logging.getLogger("inferq.engine")
 
 Out = list[tuple[str, bytes]]
+# A cached prefix shorter than this is not worth taking a slot out of order.
+MIN_REUSE = 16
+
+
+def _slot_of(seq: Sequence) -> int:
+    return seq.slot
 
 
 @dataclass
@@ -162,20 +168,27 @@ class LlamaEngine:
             primary.n_evaluated = reused
             self._active.append(primary)
             for index in range(1, request.sampling.n):
-                slot = self._free_slots.pop()
+                slot = self._free_slots.pop(0)
                 self._clear_slot(slot)
                 sibling = self._new_sequence(group, index, slot)
                 sibling.fork_of = primary
                 self._active.append(sibling)
 
     def _pick_slot(self, prompt: list[int], cache_prompt: bool) -> tuple[int, int]:
-        """The free slot caching the longest prefix of `prompt`, and how many
-        of its tokens can be reused."""
-        best, best_len = self._free_slots[0], -1
-        for slot in self._free_slots:
-            shared = common_prefix(self._slot_tokens[slot], prompt) if cache_prompt else 0
-            if shared > best_len:
-                best, best_len = slot, shared
+        """The free slot caching the longest prefix of `prompt` (when that is
+        worth it), else the lowest free slot; and how many tokens it reuses."""
+        # Low slots first: a compact set of busy slots decodes in fewer
+        # micro-batches (see _step).
+        self._free_slots.sort()
+        best, best_len = self._free_slots[0], 0
+        if cache_prompt:
+            for slot in self._free_slots:
+                shared = common_prefix(self._slot_tokens[slot], prompt)
+                if shared > best_len:
+                    best, best_len = slot, shared
+            if best_len < MIN_REUSE and best != self._free_slots[0]:
+                best = self._free_slots[0]
+                best_len = common_prefix(self._slot_tokens[best], prompt)
         self._free_slots.remove(best)
         # At least the last prompt token is evaluated again: it yields the logits.
         reuse = min(best_len, len(prompt) - 1)
@@ -227,12 +240,26 @@ class LlamaEngine:
                 self._cancel_group(seq.group, out)
         if not self._active:
             return
+        # Generating sequences get one token each, so every stream moves every
+        # step; prompt chunks fill the rest of the batch (first come, first
+        # served), so a long prompt is spread over several steps instead of
+        # stalling the streams already running.
+        budget = self.model.n_batch - sum(1 for s in self._active if s.generating)
+        chunks: dict[int, int] = {}
+        for seq in self._active:
+            if budget > 0 and seq.prefilling:
+                take = min(budget, len(seq.request.prompt_tokens) - seq.n_evaluated)
+                chunks[id(seq)] = take
+                budget -= take
+        # Laid out in ascending slot order: without a unified KV cache
+        # llama.cpp only puts consecutive sequence ids into one micro-batch,
+        # and every extra micro-batch is another pass over the weights.
         n = 0
         batch = self._batch
-        # Generating sequences first: one token each keeps every stream moving.
-        for seq in self._active:
+        completed: list[Sequence] = []
+        for seq in sorted(self._active, key=_slot_of):
             seq.logits_index = -1
-            if not seq.prefilling and not seq.waiting:
+            if seq.generating:
                 self._tokens[n] = seq.last_token
                 self._pos[n] = seq.position
                 batch.seq_id[n][0] = seq.slot
@@ -240,18 +267,12 @@ class LlamaEngine:
                 self._slot_tokens[seq.slot].append(seq.last_token)
                 seq.logits_index = n
                 n += 1
-        # Prompt chunks fill the rest of the batch, so a long prompt is spread
-        # over several steps instead of stalling the streams already running.
-        budget = self.model.n_batch - n
-        completed: list[Sequence] = []
-        for seq in self._active:
-            if budget <= 0:
-                break
-            if not seq.prefilling:
+                continue
+            take = chunks.get(id(seq), 0)
+            if take == 0:
                 continue
             prompt = seq.request.prompt_tokens
             start = seq.n_evaluated
-            take = min(budget, len(prompt) - start)
             self._tokens[n : n + take] = prompt[start : start + take]
             self._pos[n : n + take] = np.arange(start, start + take, dtype=np.int32)
             self._logits[n : n + take] = 0
@@ -261,7 +282,6 @@ class LlamaEngine:
             seq.n_evaluated += take
             self.stats.prompt_tokens_evaluated += take
             n += take
-            budget -= take
             if not seq.prefilling:
                 self._logits[n - 1] = 1
                 seq.logits_index = n - 1

@@ -70,6 +70,10 @@ class Sequence:
         return self.fork_of is None and self.n_evaluated < len(self.request.prompt_tokens)
 
     @property
+    def generating(self) -> bool:
+        return self.fork_of is None and not self.prefilling
+
+    @property
     def waiting(self) -> bool:
         return self.fork_of is not None
 
