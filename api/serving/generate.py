@@ -15,7 +15,7 @@ from api.errors import APIError
 from api.serving import logprobs
 from api.serving.chunks import DONE, PING, ChunkFormat, sse, usage_dict
 from api.serving.jobs import ClientGone, JobRunner, JobStream, unless_disconnected
-from schemas.events import Accepted, Done, ErrorEvent, TokenEvent
+from schemas.events import Done, ErrorEvent, Event, TokenEvent
 from schemas.jobs import GenerateJob
 
 SSE_HEADERS = {
@@ -25,6 +25,14 @@ SSE_HEADERS = {
 }
 # A comment line keeps proxies and clients from timing out a quiet stream.
 PING_INTERVAL = 15.0
+
+
+def _token_chunk(fmt: ChunkFormat, event: TokenEvent, offsets: list[int]) -> bytes:
+    if event.logprobs is None:
+        return fmt.token(event.index, event.text_json)
+    chunk = fmt.token_logprobs(event, offsets[event.index])
+    offsets[event.index] += sum(len(e["token"]) for e in event.logprobs)
+    return chunk
 
 
 def new_request_id(prefix: str) -> str:
@@ -110,7 +118,7 @@ async def serve(
     stack = contextlib.AsyncExitStack()
     stream = await stack.enter_async_context(runner.run(job))
     try:
-        first = await unless_disconnected(request, stream.first())
+        first = await unless_disconnected(request, stream.first(patience=PING_INTERVAL))
     except BaseException:
         await stack.aclose()
         raise
@@ -134,7 +142,7 @@ async def _relay(
     stack: contextlib.AsyncExitStack,
     stream: JobStream,
     fmt: ChunkFormat,
-    first: Accepted | Done | ErrorEvent,
+    first: Event | None,
     include_usage: bool,
 ) -> AsyncIterator[bytes]:
     async with stack:
@@ -144,6 +152,10 @@ async def _relay(
                 yield fmt.role(index)
         offsets = [0] * n
         event: Any = first
+        if first is None:
+            yield PING
+        elif isinstance(first, TokenEvent):
+            yield _token_chunk(fmt, first, offsets)
         while not isinstance(event, (Done, ErrorEvent)):
             try:
                 event = await stream.next(idle=PING_INTERVAL)
@@ -152,11 +164,7 @@ async def _relay(
             if event is None:
                 yield PING
             elif isinstance(event, TokenEvent):
-                if event.logprobs is None:
-                    yield fmt.token(event.index, event.text_json)
-                else:
-                    yield fmt.token_logprobs(event, offsets[event.index])
-                    offsets[event.index] += sum(len(e["token"]) for e in event.logprobs)
+                yield _token_chunk(fmt, event, offsets)
         if isinstance(event, ErrorEvent):
             # Headers are gone already: the failure travels as an event.
             yield _error_chunk(event)

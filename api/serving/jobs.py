@@ -54,12 +54,14 @@ class JobStream:
             self.finished = True
         return event
 
-    async def first(self) -> Accepted | Done | ErrorEvent:
-        """Wait until the worker admits the job (or rejects it)."""
+    async def first(self, *, patience: float) -> Event | None:
+        """The first event that decides the response: an error (sent as an HTTP
+        error), or a token or the end (a 200 stream). None when `patience`
+        seconds pass first: the stream then starts with pings. Not answering
+        before that keeps the API off the CPU while the prompt is evaluated."""
         while True:
-            event = await self.next()
-            if not isinstance(event, TokenEvent):
-                assert event is not None
+            event = await self.next(idle=patience)
+            if not isinstance(event, Accepted):
                 return event
 
     async def collect(self) -> tuple[dict[int, list[str]], Done | ErrorEvent]:
