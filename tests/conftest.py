@@ -37,6 +37,17 @@ def redis_url() -> Iterator[str]:
         server.stop()
 
 
+@pytest.fixture
+def other_redis_url(redis_url: str) -> str:
+    """Another database of the same Redis: queues there are invisible to the
+    workers the session-wide stack runs (pub/sub is shared, request ids are not)."""
+    client = redis.Redis.from_url(redis_url)
+    db = (int(client.connection_pool.connection_kwargs.get("db", 0)) + 1) % 16
+    url = redis_url.rsplit("/", 1)[0] + f"/{db}"
+    redis.Redis.from_url(url).flushdb()
+    return url
+
+
 @pytest.fixture(scope="session")
 def pg_server_url() -> Iterator[str]:
     url = os.environ.get("DATABASE_URL")

@@ -129,9 +129,9 @@ def test_busy_port_is_reported(workdir: Path) -> None:
     assert f"port {port}".encode() in result.stderr
 
 
-def test_up_uses_given_redis_and_postgres(workdir: Path, redis_url: str, pg_url: str) -> None:
+def test_up_uses_given_redis_and_postgres(workdir: Path, other_redis_url: str, pg_url: str) -> None:
     port = free_port()
-    env = base_env(INFERQ_PORT=str(port), REDIS_URL=redis_url, DATABASE_URL=pg_url)
+    env = base_env(INFERQ_PORT=str(port), REDIS_URL=other_redis_url, DATABASE_URL=pg_url)
     log = workdir / "up.log"
     process = _start(workdir, env, log)
     url = f"http://127.0.0.1:{port}"
