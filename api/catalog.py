@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
+from api.errors import APIError
 from schemas import keys
 from schemas.registry import Registry
 
@@ -48,6 +49,22 @@ class Catalog:
     async def names(self) -> list[str]:
         live = {w.model for w in await self.live_workers()}
         return sorted(set(self.registry.models) | live)
+
+    async def require(self, name: str | None, *, authorization: str | None = None) -> str:
+        """The model a request names, or the OpenAI 400/404. As LocalAI does, a
+        request without a model may name one as its bearer token."""
+        if name is None and authorization and authorization.lower().startswith("bearer "):
+            token = authorization[7:].strip()
+            if token in await self.names():
+                name = token
+        resolved = await self.resolve(name)
+        if resolved is None:
+            if name is None:
+                raise APIError(400, "you must provide a model parameter", param="model")
+            raise APIError(
+                404, f"The model '{name}' does not exist", code="model_not_found", param="model"
+            )
+        return resolved
 
     async def resolve(self, name: str | None) -> str | None:
         """The model serving `name`; with exactly one model, any name."""

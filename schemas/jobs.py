@@ -6,7 +6,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-Endpoint = Literal["chat.completions", "completions"]
+# Endpoints whose prompt is a conversation (the chat template applies).
+CHAT_ENDPOINTS = ("chat.completions", "edits", "generate.chat")
+Endpoint = Literal["chat.completions", "completions", "edits", "generate", "generate.chat"]
 
 
 class Message(BaseModel):
@@ -17,6 +19,9 @@ class Message(BaseModel):
     role: str
     content: str
     name: str | None = None
+    # Function calling: an assistant's calls, and the call a tool message answers.
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
 
 
 class SamplingOptions(BaseModel):
@@ -65,4 +70,10 @@ class GenerateJob(BaseModel):
     sampling: SamplingOptions = Field(default_factory=SamplingOptions)
     # Streamed jobs publish every token; the others publish only the final text.
     stream: bool = False
+    # Function calling: the tools ({"type": "function", "function": {...}}),
+    # and whether the answer may ("auto") or must ("required") be a call, to
+    # one of `tool_names` (all tools when empty).
+    tools: list[dict[str, Any]] | None = None
+    tool_mode: Literal["none", "auto", "required"] = "none"
+    tool_names: list[str] = Field(default_factory=list)
     enqueued_at: float = 0.0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -20,19 +21,91 @@ class TextPart(BaseModel):
     text: str
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
 
     def flatten(self) -> Message:
         if isinstance(self.content, list):
             text = "".join(part.text for part in self.content)
         else:
             text = self.content or ""
-        return Message(role=self.role, content=text, name=self.name)
+        calls: list[dict[str, Any]] | None = None
+        if self.tool_calls:
+            calls = [
+                {
+                    "id": c.id,
+                    "type": "function",
+                    "function": {
+                        "name": c.function.name,
+                        "arguments": _json_or_text(c.function.arguments),
+                    },
+                }
+                for c in self.tool_calls
+            ]
+            if not text:
+                # Templates without tool support still see what was called.
+                text = json.dumps(
+                    [
+                        {"name": c.function.name, "arguments": _json_or_text(c.function.arguments)}
+                        for c in self.tool_calls
+                    ]
+                )
+        return Message(
+            role=self.role,
+            content=text,
+            name=self.name,
+            tool_calls=calls,
+            tool_call_id=self.tool_call_id,
+        )
+
+
+def _json_or_text(arguments: str) -> Any:
+    try:
+        return json.loads(arguments)
+    except ValueError:
+        return arguments
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class JSONSchemaFormat(BaseModel):
@@ -180,6 +253,36 @@ class ChatCompletionRequest(_SamplingRequest):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+
+    @model_validator(mode="after")
+    def _tool_choice_names_a_tool(self) -> ChatCompletionRequest:
+        if self.tool_choice is not None and self.tool_choice != "none" and not self.tools:
+            raise ValueError("tool_choice is only allowed when tools are specified")
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tools:
+            names = {t.function.name for t in self.tools}
+            if self.tool_choice.function.name not in names:
+                raise ValueError(
+                    f"tool_choice names an unknown function {self.tool_choice.function.name!r}"
+                )
+        return self
+
+    def tool_settings(
+        self,
+    ) -> tuple[list[dict[str, Any]] | None, Literal["none", "auto", "required"], list[str]]:
+        """(tools, mode, allowed names) for the job."""
+        if not self.tools:
+            return None, "none", []
+        tools = [t.model_dump(exclude_none=True) for t in self.tools]
+        choice = self.tool_choice or "auto"
+        if isinstance(choice, NamedToolChoice):
+            return tools, "required", [choice.function.name]
+        if self.response_format is not None or self.grammar or self.json_schema:
+            # An explicit output constraint wins over "auto".
+            return tools, "none" if choice == "auto" else choice, []
+        return tools, choice, []
 
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or super().token_limit()
@@ -211,6 +314,20 @@ class CompletionRequest(_SamplingRequest):
 
     def prompt_text(self) -> str:
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+
+class EditRequest(_SamplingRequest):
+    """The legacy /v1/edits request."""
+
+    instruction: str = Field(min_length=1)
+    input: str = ""
+
+    @field_validator("stream")
+    @classmethod
+    def _no_stream(cls, value: bool) -> bool:
+        if value:
+            raise ValueError("the edits API does not stream")
+        return value
 
 
 def error_body(message: str, *, type: str, code: str, param: str | None = None) -> dict[str, Any]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import TypeVar
 
 from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
@@ -49,9 +50,42 @@ def _logit_bias(job: GenerateJob, model: LlamaModel) -> tuple[tuple[int, float],
     return tuple(out)
 
 
+def tool_call_grammar(job: GenerateJob) -> str | None:
+    """GBNF for function calling: a JSON object {"name", "arguments"} naming
+    one of the allowed tools ("required"), or that or free text ("auto")."""
+    if not job.tools or job.tool_mode == "none":
+        return None
+    allowed = set(job.tool_names)
+    calls = []
+    for tool in job.tools:
+        function = tool.get("function", {})
+        if allowed and function.get("name") not in allowed:
+            continue
+        calls.append(
+            {
+                "type": "object",
+                "properties": {
+                    "name": {"const": function["name"]},
+                    "arguments": function.get("parameters") or {"type": "object"},
+                },
+                "required": ["name", "arguments"],
+            }
+        )
+    schema = calls[0] if len(calls) == 1 else {"oneOf": calls}
+    try:
+        call: str = json_schema_to_gbnf(json.dumps(schema))
+    except Exception as exc:
+        raise SamplingError(f"a tool's parameters cannot be used: {exc}", "tools") from exc
+    if job.tool_mode == "required":
+        return call
+    # "auto": the same call, or any text that does not open a JSON object.
+    call = re.sub(r"^root ::=", "tool-call ::=", call, flags=re.MULTILINE)
+    return call + "\nroot ::= tool-call | free-text\nfree-text ::= [^{ \\t\\n] [^\\x00]*\n"
+
+
 def _grammar(job: GenerateJob, model: LlamaModel) -> str | None:
     options = job.sampling
-    grammar = options.grammar
+    grammar = options.grammar or tool_call_grammar(job)
     if options.json_schema is not None:
         if grammar:
             raise SamplingError("give either grammar or json_schema, not both", "grammar")

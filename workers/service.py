@@ -12,7 +12,7 @@ from sqlalchemy import Engine
 
 from schemas import keys
 from schemas.events import Accepted, Done, ErrorEvent, encode
-from schemas.jobs import GenerateJob
+from schemas.jobs import CHAT_ENDPOINTS, GenerateJob
 from schemas.registry import ModelConfig
 from workers.engine.llama_engine import LlamaEngine
 from workers.engine.types import ContextLengthExceeded, EngineRequest, TooManyChoices
@@ -41,8 +41,12 @@ def _publish(runtime: WorkerRuntime, request_id: str, event: Accepted | Done | E
 
 def build_prompt(runtime: WorkerRuntime, job: GenerateJob) -> list[int]:
     engine = runtime.engine
-    if job.endpoint == "chat.completions":
-        text = runtime.prompts.chat(job.messages or [])
+    if job.endpoint in CHAT_ENDPOINTS:
+        tools = job.tools if job.tool_mode != "none" else None
+        text = runtime.prompts.chat(job.messages or [], tools=tools)
+    elif job.endpoint == "generate":
+        # /v1/generate takes its prompt already formatted.
+        text = job.prompt or ""
     else:
         text = runtime.prompts.completion(job.prompt or "")
     # Templates usually write the BOS token themselves; never add a second one.
@@ -96,7 +100,7 @@ def _run_generate(runtime: WorkerRuntime, job: GenerateJob) -> None:
         elif isinstance(exc, SamplingError):
             param = exc.param
         if isinstance(exc, (PromptError, ContextLengthExceeded)):
-            param = "messages" if job.endpoint == "chat.completions" else "prompt"
+            param = "messages" if job.endpoint in CHAT_ENDPOINTS else "prompt"
         _publish(
             runtime,
             job.request_id,

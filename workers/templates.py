@@ -3,6 +3,7 @@ template stored in the GGUF, else ChatML."""
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -80,13 +81,20 @@ class PromptBuilder:
             )
             chat_source = CHATML
         self._chat = env.from_string(chat_source) if chat_source else None
+        # HF templates that know about tools render them themselves.
+        self._template_has_tools = bool(chat_source and "tools" in chat_source)
         self._completion = text_env.from_string(tpl.completion) if tpl.completion else None
 
     def _common(self) -> dict[str, Any]:
         return {"bos_token": self._bos, "eos_token": self._eos}
 
-    def chat(self, messages: Sequence[Message]) -> str:
+    def chat(
+        self, messages: Sequence[Message], *, tools: list[dict[str, Any]] | None = None
+    ) -> str:
         plain = [m.model_dump(exclude_none=True) for m in messages]
+        if tools and not self._template_has_tools:
+            plain = [{"role": "system", "content": tool_instructions(tools)}, *plain]
+            plain = _merge_leading_system(plain)
         try:
             joined = None
             if self._message is not None:
@@ -98,7 +106,11 @@ class PromptBuilder:
                     return joined
             assert self._chat is not None
             return self._chat.render(
-                messages=plain, input=joined, add_generation_prompt=True, **self._common()
+                messages=plain,
+                input=joined,
+                tools=tools,
+                add_generation_prompt=True,
+                **self._common(),
             )
         except PromptError:
             raise
@@ -112,3 +124,27 @@ class PromptBuilder:
             return self._completion.render(input=prompt, **self._common())
         except TemplateError as exc:
             raise PromptError(f"the completion template failed: {exc}") from exc
+
+
+def tool_instructions(tools: list[dict[str, Any]]) -> str:
+    """How a model whose template knows nothing of tools learns about them.
+    The grammar then holds the answer to exactly this JSON shape."""
+    listing = json.dumps([t.get("function", t) for t in tools], indent=1)
+    return (
+        "You can call these functions:\n"
+        f"{listing}\n"
+        "To call one, answer with only a JSON object: "
+        '{"name": <function name>, "arguments": {<arguments>}}. '
+        "Otherwise answer normally."
+    )
+
+
+def _merge_leading_system(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    # Many templates accept a single system message, first.
+    if len(messages) > 1 and messages[1].get("role") in ("system", "developer"):
+        merged = {
+            "role": "system",
+            "content": messages[0]["content"] + "\n\n" + messages[1]["content"],
+        }
+        return [merged, *messages[2:]]
+    return messages

@@ -6,33 +6,24 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from api.deps import CatalogDep, RunnerDep
-from api.errors import APIError
+from api.serving import bodies
 from api.serving.generate import new_request_id, serve
-from schemas.jobs import GenerateJob
-from schemas.openai import ChatCompletionRequest, CompletionRequest
+from schemas.jobs import GenerateJob, Message
+from schemas.openai import ChatCompletionRequest, CompletionRequest, EditRequest
 
 router = APIRouter(tags=["generation"])
 
 
-async def _model(catalog: CatalogDep, name: str | None) -> str:
-    resolved = await catalog.resolve(name)
-    if resolved is None:
-        if name is None:
-            raise APIError(400, "you must provide a model parameter", param="model")
-        raise APIError(
-            404,
-            f"The model '{name}' does not exist",
-            code="model_not_found",
-            param="model",
-        )
-    return resolved
+async def _model(catalog: CatalogDep, name: str | None, request: Request) -> str:
+    return await catalog.require(name, authorization=request.headers.get("authorization"))
 
 
 @router.post("/v1/chat/completions", response_model=None)
 async def chat_completions(
     body: ChatCompletionRequest, request: Request, catalog: CatalogDep, runner: RunnerDep
 ) -> Response:
-    model = await _model(catalog, body.model)
+    model = await _model(catalog, body.model, request)
+    tools, tool_mode, tool_names = body.tool_settings()
     job = GenerateJob(
         request_id=new_request_id("chatcmpl"),
         model=model,
@@ -40,6 +31,9 @@ async def chat_completions(
         messages=[m.flatten() for m in body.messages],
         sampling=body.sampling(),
         stream=body.stream,
+        tools=tools,
+        tool_mode=tool_mode,
+        tool_names=tool_names,
     )
     return await serve(request, runner, job, include_usage=body.include_usage)
 
@@ -48,7 +42,7 @@ async def chat_completions(
 async def completions(
     body: CompletionRequest, request: Request, catalog: CatalogDep, runner: RunnerDep
 ) -> Response:
-    model = await _model(catalog, body.model)
+    model = await _model(catalog, body.model, request)
     job = GenerateJob(
         request_id=new_request_id("cmpl"),
         model=model,
@@ -58,3 +52,24 @@ async def completions(
         stream=body.stream,
     )
     return await serve(request, runner, job, include_usage=body.include_usage)
+
+
+@router.post("/v1/edits", response_model=None)
+async def edits(
+    body: EditRequest, request: Request, catalog: CatalogDep, runner: RunnerDep
+) -> Response:
+    """The legacy edits API: `instruction` applied to `input`, through the
+    model's chat template; answered as `choices[].text`."""
+    model = await _model(catalog, body.model, request)
+    messages = [Message(role="system", content=body.instruction)]
+    if body.input:
+        messages.append(Message(role="user", content=body.input))
+    job = GenerateJob(
+        request_id=new_request_id("edit"),
+        model=model,
+        endpoint="edits",
+        messages=messages,
+        sampling=body.sampling(),
+        stream=False,
+    )
+    return await serve(request, runner, job, include_usage=False, render=bodies.edit_body)

@@ -75,6 +75,11 @@ class ChunkFormat:
         body = json.dumps([choice], separators=(",", ":"), ensure_ascii=False)
         return self._head + body[1:].encode() + b"}\n\n"
 
+    def tool_call(self, index: int, call: dict[str, Any]) -> bytes:
+        delta = {"tool_calls": [{"index": 0, **call}]}
+        choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": None}
+        return self._head + json.dumps(choice, separators=(",", ":")).encode() + b"]}\n\n"
+
     def finish(self, index: int, reason: str) -> bytes:
         if self.chat:
             body = b'{"index":%d,"delta":{},"logprobs":null,"finish_reason":%s}'

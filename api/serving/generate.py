@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -12,11 +13,13 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from api.errors import APIError
-from api.serving import logprobs
-from api.serving.chunks import DONE, PING, ChunkFormat, sse, usage_dict
+from api.serving import bodies
+from api.serving.bodies import Renderer
+from api.serving.chunks import DONE, PING, ChunkFormat, sse
 from api.serving.jobs import ClientGone, JobRunner, JobStream, unless_disconnected
+from api.serving.tools import ToolCallBuffer, parse_tool_call
 from schemas.events import Done, ErrorEvent, Event, TokenEvent
-from schemas.jobs import GenerateJob
+from schemas.jobs import CHAT_ENDPOINTS, GenerateJob
 
 SSE_HEADERS = {
     "Cache-Control": "no-cache",
@@ -27,12 +30,20 @@ SSE_HEADERS = {
 PING_INTERVAL = 15.0
 
 
-def _token_chunk(fmt: ChunkFormat, event: TokenEvent, offsets: list[int]) -> bytes:
+def _token_chunks(
+    fmt: ChunkFormat, event: TokenEvent, offsets: list[int], tools: ToolCallBuffer | None
+) -> list[bytes]:
+    if tools is not None:
+        if tools.feed(event.index, event.text):
+            return []
+        held = tools.undecided_prefix(event.index)
+        if held:
+            return [fmt.token(event.index, json.dumps(held + event.text).encode())]
     if event.logprobs is None:
-        return fmt.token(event.index, event.text_json)
+        return [fmt.token(event.index, event.text_json)]
     chunk = fmt.token_logprobs(event, offsets[event.index])
     offsets[event.index] += sum(len(e["token"]) for e in event.logprobs)
-    return chunk
+    return [chunk]
 
 
 def new_request_id(prefix: str) -> str:
@@ -62,47 +73,13 @@ def _error_chunk(event: ErrorEvent) -> bytes:
     )
 
 
-def _body(
-    job: GenerateJob, created: int, parts: dict[int, list[str]], done: Done
-) -> dict[str, Any]:
-    chat = job.endpoint == "chat.completions"
-    choices: list[dict[str, Any]] = []
-    for result in done.choices:
-        text = result.text if result.text is not None else "".join(parts.get(result.index, []))
-        lp = None
-        if result.logprobs is not None:
-            lp = logprobs.chat(result.logprobs) if chat else logprobs.completion(result.logprobs)
-        if chat:
-            choices.append(
-                {
-                    "index": result.index,
-                    "message": {"role": "assistant", "content": text},
-                    "logprobs": lp,
-                    "finish_reason": result.finish_reason,
-                }
-            )
-        else:
-            choices.append(
-                {
-                    "index": result.index,
-                    "text": text,
-                    "logprobs": lp,
-                    "finish_reason": result.finish_reason,
-                }
-            )
-    return {
-        "id": job.request_id,
-        "object": "chat.completion" if chat else "text_completion",
-        "created": created,
-        "model": job.model,
-        "system_fingerprint": None,
-        "choices": choices,
-        "usage": usage_dict(done.usage),
-    }
-
-
 async def serve(
-    request: Request, runner: JobRunner, job: GenerateJob, *, include_usage: bool
+    request: Request,
+    runner: JobRunner,
+    job: GenerateJob,
+    *,
+    include_usage: bool,
+    render: Renderer = bodies.openai_body,
 ) -> Response:
     created = int(time.time())
     if not job.stream:
@@ -113,7 +90,7 @@ async def serve(
             return Response(status_code=499)
         if isinstance(result, ErrorEvent):
             raise _error(result)
-        return JSONResponse(_body(job, created, parts, result))
+        return JSONResponse(render(job, created, parts, result))
 
     stack = contextlib.AsyncExitStack()
     stream = await stack.enter_async_context(runner.run(job))
@@ -129,7 +106,7 @@ async def serve(
         request_id=job.request_id,
         model=job.model,
         created=created,
-        chat=job.endpoint == "chat.completions",
+        chat=job.endpoint in CHAT_ENDPOINTS,
     )
     return StreamingResponse(
         _relay(stack, stream, fmt, first, include_usage),
@@ -151,11 +128,13 @@ async def _relay(
             for index in range(n):
                 yield fmt.role(index)
         offsets = [0] * n
+        tools = ToolCallBuffer() if fmt.chat and stream.job.tool_mode != "none" else None
         event: Any = first
         if first is None:
             yield PING
         elif isinstance(first, TokenEvent):
-            yield _token_chunk(fmt, first, offsets)
+            for chunk in _token_chunks(fmt, first, offsets, tools):
+                yield chunk
         while not isinstance(event, (Done, ErrorEvent)):
             try:
                 event = await stream.next(idle=PING_INTERVAL)
@@ -164,13 +143,23 @@ async def _relay(
             if event is None:
                 yield PING
             elif isinstance(event, TokenEvent):
-                yield _token_chunk(fmt, event, offsets)
+                for chunk in _token_chunks(fmt, event, offsets, tools):
+                    yield chunk
         if isinstance(event, ErrorEvent):
             # Headers are gone already: the failure travels as an event.
             yield _error_chunk(event)
         else:
             for choice in event.choices:
-                yield fmt.finish(choice.index, choice.finish_reason)
+                reason = choice.finish_reason
+                held = tools.held_text(choice.index) if tools else ""
+                if held:
+                    call = parse_tool_call(held)
+                    if call is not None:
+                        yield fmt.tool_call(choice.index, call)
+                        reason = "tool_calls"
+                    else:
+                        yield fmt.token(choice.index, json.dumps(held).encode())
+                yield fmt.finish(choice.index, reason)
             if include_usage:
                 yield fmt.usage(event.usage)
         yield DONE

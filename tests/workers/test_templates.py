@@ -70,3 +70,25 @@ def test_template_raising_is_a_prompt_error() -> None:
     builder = _builder(TemplateConfig(chat="{{ raise_exception('roles must alternate') }}"))
     with pytest.raises(PromptError, match="roles must alternate"):
         builder.chat([Message(role="user", content="x")])
+
+
+TOOLS = [{"type": "function", "function": {"name": "now", "parameters": {"type": "object"}}}]
+
+
+def test_tools_are_described_to_templates_that_do_not_know_them() -> None:
+    prompt = _builder(TemplateConfig()).chat(
+        [Message(role="system", content="Be brief."), Message(role="user", content="time?")],
+        tools=TOOLS,
+    )
+    # One system turn: the tool listing merged with the caller's system message.
+    assert prompt.count("<|im_start|>system") == 1
+    assert '"name": "now"' in prompt and "Be brief." in prompt
+    assert prompt.index('"name": "now"') < prompt.index("time?")
+
+
+def test_templates_that_know_tools_render_them_themselves() -> None:
+    gguf = (
+        "{% for t in tools %}[{{ t['function']['name'] }}]{% endfor %}{{ messages[-1]['content'] }}"
+    )
+    prompt = _builder(TemplateConfig(), gguf).chat([Message(role="user", content="q")], tools=TOOLS)
+    assert prompt == "[now]q"
