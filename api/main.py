@@ -13,7 +13,7 @@ from api import errors
 from api.catalog import Catalog
 from api.hub import StreamHub
 from api.middleware import AssumeJSONBody
-from api.routers import generation, health, models
+from api.routers import generation, health, models, vgenerate
 from schemas.queue import make_celery
 from schemas.registry import load_registry
 from schemas.settings import Settings, get_settings
@@ -50,4 +50,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(models.router)
     app.include_router(generation.router)
+    app.include_router(vgenerate.router)
     return app

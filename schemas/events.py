@@ -46,6 +46,9 @@ class ChoiceResult:
     # The whole text (and its log-probabilities), for jobs that were not streamed.
     text: str | None = None
     logprobs: list[dict[str, Any]] | None = None
+    # Beam search: the hypothesis' summed log-probability and its length.
+    cumulative_logprob: float | None = None
+    n_tokens: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -57,6 +57,16 @@ class SamplingOptions(BaseModel):
     cache_prompt: bool = True
 
 
+class BeamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    width: int = Field(ge=1, le=64)
+    length_penalty: float = 1.0
+    # True: stop at `width` finished hypotheses; False: stop once no live beam
+    # can beat the worst finished one; "never": run to max_tokens.
+    early_stopping: bool | Literal["never"] = False
+
+
 class GenerateJob(BaseModel):
     """An interactive completion or chat request, as a Celery task argument."""
 
@@ -76,4 +86,6 @@ class GenerateJob(BaseModel):
     tools: list[dict[str, Any]] | None = None
     tool_mode: Literal["none", "auto", "required"] = "none"
     tool_names: list[str] = Field(default_factory=list)
+    # Beam search instead of sampling (/v1/generate).
+    beam: BeamOptions | None = None
     enqueued_at: float = 0.0

@@ -129,6 +129,9 @@ def resolve_sampling(job: GenerateJob, config: ModelConfig, model: LlamaModel) -
         grammar=_grammar(job, model),
         logprobs=req.logprobs,
         ignore_eos=req.ignore_eos,
-        n=req.n,
+        n=job.beam.width if job.beam else req.n,
         cache_prompt=req.cache_prompt,
+        beam=job.beam is not None,
+        length_penalty=job.beam.length_penalty if job.beam else 1.0,
+        early_stopping=job.beam.early_stopping if job.beam else False,
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -75,3 +76,52 @@ def edit_body(
         "choices": [{"index": r.index, "text": choice_text(r, parts)} for r in done.choices],
         "usage": usage_dict(done.usage),
     }
+
+
+def generate_body(n: int, with_logprobs: bool) -> Renderer:
+    """/v1/generate: the n best choices (by mean log-probability when best_of
+    sampled more; by beam score for beam search), with their scores."""
+
+    def render(
+        job: GenerateJob, created: int, parts: dict[int, list[str]], done: Done
+    ) -> dict[str, Any]:
+        scored = []
+        for result in done.choices:
+            entries = result.logprobs or []
+            cumulative = result.cumulative_logprob
+            if cumulative is None and result.logprobs is not None:
+                cumulative = sum(e["logprob"] for e in entries)
+            length = max(len(entries), 1)
+            mean = None if cumulative is None else cumulative / length
+            scored.append((result, cumulative, mean))
+        if len(scored) > n and job.beam is None:
+            scored.sort(key=lambda item: item[2] if item[2] is not None else 0.0, reverse=True)
+        choices = []
+        for index, (result, cumulative, mean) in enumerate(scored[:n]):
+            lp = result.logprobs if with_logprobs else None
+            choices.append(
+                {
+                    "index": index,
+                    "text": choice_text(result, parts),
+                    "finish_reason": result.finish_reason,
+                    "cumulative_logprob": cumulative,
+                    "mean_logprob": mean,
+                    "logprobs": lp,
+                }
+            )
+        return {
+            "id": job.request_id,
+            "object": "generation",
+            "created": created,
+            "model": job.model,
+            "choices": choices,
+            # vLLM's /generate answers {"text": [...]}: the same texts, for its clients.
+            "text": [c["text"] for c in choices],
+            "usage": usage_dict(done.usage),
+        }
+
+    return render
+
+
+def json_literal(text: str) -> bytes:
+    return json.dumps(text, ensure_ascii=False).encode()

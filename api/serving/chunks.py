@@ -31,11 +31,13 @@ def sse(data: dict[str, Any]) -> bytes:
 class ChunkFormat:
     """Chunks of one response; `object` is chat.completion.chunk or text_completion."""
 
-    def __init__(self, *, request_id: str, model: str, created: int, chat: bool) -> None:
+    def __init__(
+        self, *, request_id: str, model: str, created: int, chat: bool, kind: str | None = None
+    ) -> None:
         self.chat = chat
         head = {
             "id": request_id,
-            "object": "chat.completion.chunk" if chat else "text_completion",
+            "object": kind or ("chat.completion.chunk" if chat else "text_completion"),
             "created": created,
             "model": model,
             "system_fingerprint": None,

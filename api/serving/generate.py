@@ -19,7 +19,7 @@ from api.serving.chunks import DONE, PING, ChunkFormat, sse
 from api.serving.jobs import ClientGone, JobRunner, JobStream, unless_disconnected
 from api.serving.tools import ToolCallBuffer, parse_tool_call
 from schemas.events import Done, ErrorEvent, Event, TokenEvent
-from schemas.jobs import CHAT_ENDPOINTS, GenerateJob
+from schemas.jobs import GenerateJob
 
 SSE_HEADERS = {
     "Cache-Control": "no-cache",
@@ -106,7 +106,8 @@ async def serve(
         request_id=job.request_id,
         model=job.model,
         created=created,
-        chat=job.endpoint in CHAT_ENDPOINTS,
+        chat=job.endpoint in ("chat.completions", "edits"),
+        kind="generation.chunk" if job.endpoint.startswith("generate") else None,
     )
     return StreamingResponse(
         _relay(stack, stream, fmt, first, include_usage),

@@ -14,7 +14,6 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import llama_cpp
 import numpy as np
@@ -28,8 +27,10 @@ from schemas.events import (
     encode_token,
     encode_token_logprobs,
 )
+from workers.engine import beam
+from workers.engine.beam import BeamState
 from workers.engine.llama_model import LlamaModel
-from workers.engine.sampling import build_chain, choice_seed, logprobs_at
+from workers.engine.sampling import build_chain, choice_seed, logprob_entry
 from workers.engine.sequence import Group, Sequence, common_prefix
 from workers.engine.text import TextAssembler
 from workers.engine.types import (
@@ -160,6 +161,14 @@ class LlamaEngine:
         while self._waiting and len(self._free_slots) >= self._waiting[0].sampling.n:
             request = self._waiting.popleft()
             group = Group(request)
+            if request.sampling.beam:
+                group.beam = BeamState(
+                    width=request.sampling.n,
+                    length_penalty=request.sampling.length_penalty,
+                    early_stopping=request.sampling.early_stopping,
+                    max_tokens=request.sampling.max_tokens
+                    or (self.n_ctx_per_slot - len(request.prompt_tokens)),
+                )
             prompt = request.prompt_tokens
             primary_slot, reused = self._pick_slot(prompt, request.sampling.cache_prompt)
             group.tokens_cached = reused
@@ -293,12 +302,41 @@ class LlamaEngine:
         self.stats.steps += 1
         for primary in completed:
             self._fork(primary)
+        beams: dict[int, list[Sequence]] = {}
         for seq in list(self._active):
+            if seq.group.beam is not None and seq.logits_index >= 0:
+                beams.setdefault(id(seq.group), []).append(seq)
+                continue
             if seq.logits_index >= 0 and seq in self._active:
                 token = llama_cpp.llama_sampler_sample(
                     seq.sampler, self.model.ctx, seq.logits_index
                 )
                 self._on_token(seq, int(token), out)
+
+        for group_seqs in beams.values():
+            self._advance_beams(sorted(group_seqs, key=lambda s: s.index), out)
+
+    def _advance_beams(self, seqs: list[Sequence], out: Out) -> None:
+        group = seqs[0].group
+        if group.first_token_at is None:
+            group.first_token_at = _now()
+        results = beam.advance(self, group, seqs)
+        if results is None:
+            return
+        for seq in [s for s in self._active if s.group is group]:
+            self._release(seq)
+        group.n_generated = sum(r.n_tokens or 0 for r in results)
+        self.stats.tokens_generated += group.n_generated
+        for result in results:
+            group.choices[result.index] = result
+        # Fewer hypotheses than beams can come back (all ended at once).
+        for index in range(len(results), group.n):
+            group.choices[index] = ChoiceResult(index=index, finish_reason="stop", text="")
+        self._finish(group.request, group.result(), out)
+
+    def copy_slot_tokens(self, source: int, target: int) -> None:
+        """Beam search copied one slot's KV cache into another."""
+        self._slot_tokens[target] = list(self._slot_tokens[source])
 
     def _fork(self, primary: Sequence) -> None:
         """Siblings of a request take a copy of its evaluated prompt (the copy
@@ -317,7 +355,9 @@ class LlamaEngine:
         if group.first_token_at is None:
             group.first_token_at = _now()
         if request.sampling.logprobs is not None:
-            entry = self._logprob_entry(seq, token)
+            entry = logprob_entry(
+                self.model, seq.logits_index, token, seq.request.sampling.logprobs or 0
+            )
         if self.model.is_eog(token):
             self._complete(seq, "stop", out)
             return
@@ -347,19 +387,6 @@ class LlamaEngine:
         elif text or seq.text.stopped:
             out.append((request_id, encode_token_logprobs(seq.index, text, seq.pending_logprobs)))
             seq.pending_logprobs = []
-
-    def _logprob_entry(self, seq: Sequence, token: int) -> dict[str, Any]:
-        n_top = seq.request.sampling.logprobs or 0
-        lp = logprobs_at(self.model.ctx, seq.logits_index, self.model.n_vocab, token, n_top)
-        return {
-            **self._token_info(token),
-            "logprob": lp.logprob,
-            "top_logprobs": [{**self._token_info(t), "logprob": v} for t, v in lp.top],
-        }
-
-    def _token_info(self, token: int) -> dict[str, Any]:
-        piece = self.model.piece(token)
-        return {"id": token, "token": piece.decode("utf-8", "replace"), "bytes": list(piece)}
 
     def _complete(self, seq: Sequence, reason: str, out: Out) -> None:
         if not seq.text.stopped:

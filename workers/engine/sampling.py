@@ -13,6 +13,7 @@ from typing import Any
 import llama_cpp
 import numpy as np
 
+from workers.engine.llama_model import LlamaModel
 from workers.engine.types import Sampling
 
 
@@ -134,3 +135,19 @@ def logprobs_at(ctx: Any, index: int, n_vocab: int, token: int, top_n: int) -> T
         best = best[np.argsort(-logits[best])]
         top = [(int(t), float(logits[t]) - log_z) for t in best]
     return TokenLogprob(token, float(logits[token]) - log_z, top)
+
+
+def logprob_entry(model: LlamaModel, index: int, token: int, n_top: int) -> dict[str, Any]:
+    """A chosen token's log-probability entry, as the workers publish it:
+    {"id", "token", "bytes", "logprob", "top_logprobs": [...]}."""
+    lp = logprobs_at(model.ctx, index, model.n_vocab, token, n_top)
+
+    def info(t: int) -> dict[str, Any]:
+        piece = model.piece(t)
+        return {"id": t, "token": piece.decode("utf-8", "replace"), "bytes": list(piece)}
+
+    return {
+        **info(token),
+        "logprob": lp.logprob,
+        "top_logprobs": [{**info(t), "logprob": v} for t, v in lp.top],
+    }

@@ -23,6 +23,8 @@ class Group:
     n_generated: int = 0
     started: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
+    # Beam search state (workers.engine.beam.BeamState), when beams are searched.
+    beam: Any = None
 
     @property
     def n(self) -> int:

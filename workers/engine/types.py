@@ -48,6 +48,10 @@ class Sampling:
     ignore_eos: bool = False
     n: int = 1
     cache_prompt: bool = True
+    # Beam search over n parallel beams instead of sampling.
+    beam: bool = False
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
 
 
 class EventSink(Protocol):
