@@ -9,11 +9,12 @@ from contextlib import asynccontextmanager
 import redis.asyncio as aioredis
 from fastapi import FastAPI
 
-from api import errors
+from api import errors, openapi
 from api.catalog import Catalog
 from api.hub import StreamHub
 from api.middleware import AssumeJSONBody
-from api.routers import generation, health, models, vgenerate
+from api.routers import generation, health, llama_props, llama_server, models, vgenerate
+from api.vocab import VocabCache
 from schemas.queue import make_celery
 from schemas.registry import load_registry
 from schemas.settings import Settings, get_settings
@@ -36,6 +37,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.hub = hub
         app.state.catalog = Catalog(registry, client)
         app.state.celery = celery
+        # Model vocabularies for /tokenize and /detokenize, loaded on first use.
+        app.state.vocabs = VocabCache(settings.models_dir)
         log.info("API ready; models in %s: %s", settings.models_dir, ", ".join(registry.models))
         try:
             yield
@@ -46,9 +49,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(title="inferq", version="0.1.0", lifespan=lifespan)
     errors.install(app)
+    openapi.install(app)
     app.add_middleware(AssumeJSONBody)
     app.include_router(health.router)
     app.include_router(models.router)
     app.include_router(generation.router)
     app.include_router(vgenerate.router)
+    app.include_router(llama_server.router)
+    app.include_router(llama_props.router)
     return app

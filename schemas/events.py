@@ -36,6 +36,10 @@ class Accepted:
     """The worker admitted the request: it fits and a slot will run it."""
 
     prompt_tokens: int
+    # llama.cpp-style jobs (/completion, /infill): the resolved generation
+    # settings and the prompt as evaluated, which llama-server echoes back.
+    settings: dict[str, Any] | None = None
+    prompt: str | None = None
     type: str = "accepted"
 
 
@@ -49,6 +53,12 @@ class ChoiceResult:
     # Beam search: the hypothesis' summed log-probability and its length.
     cumulative_logprob: float | None = None
     n_tokens: int | None = None
+    # Why the choice ended, as llama-server reports it: "eos", "word" (a stop
+    # string, `stopping_word`) or "limit" (max tokens or the slot's context);
+    # None when cancelled. `slot` is the slot that ran it.
+    stop_type: str | None = None
+    stopping_word: str | None = None
+    slot: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +79,8 @@ class Done:
     duration_ms: float = 0.0
     # Prompt tokens reused from a slot's KV cache instead of evaluated.
     tokens_cached: int = 0
+    # Time spent evaluating the prompt (its first batch to its logits).
+    prompt_ms: float | None = None
     type: str = "done"
 
 
@@ -122,6 +134,7 @@ def decode(raw: bytes) -> Event:
             ttft_ms=data.get("ttft_ms"),
             duration_ms=data.get("duration_ms", 0.0),
             tokens_cached=data.get("tokens_cached", 0),
+            prompt_ms=data.get("prompt_ms"),
         )
     if kind == "error":
         return ErrorEvent(**data)

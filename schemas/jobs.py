@@ -8,7 +8,18 @@ from pydantic import BaseModel, ConfigDict, Field
 
 # Endpoints whose prompt is a conversation (the chat template applies).
 CHAT_ENDPOINTS = ("chat.completions", "edits", "generate.chat")
-Endpoint = Literal["chat.completions", "completions", "edits", "generate", "generate.chat"]
+# llama-server's own /completion and /infill: the prompt is evaluated verbatim
+# (no template), as token ids and strings.
+LLAMA_ENDPOINTS = ("llama.completion", "llama.infill")
+Endpoint = Literal[
+    "chat.completions",
+    "completions",
+    "edits",
+    "generate",
+    "generate.chat",
+    "llama.completion",
+    "llama.infill",
+]
 
 
 class Message(BaseModel):
@@ -29,7 +40,8 @@ class SamplingOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    max_tokens: int | None = Field(default=None, ge=1)
+    # 0 (llama.cpp's n_predict 0) evaluates the prompt into the cache only.
+    max_tokens: int | None = Field(default=None, ge=0)
     temperature: float | None = Field(default=None, ge=0.0)
     top_p: float | None = Field(default=None, ge=0.0, le=1.0)
     top_k: int | None = None
@@ -55,6 +67,28 @@ class SamplingOptions(BaseModel):
     ignore_eos: bool = False
     n: int = Field(default=1, ge=1, le=64)
     cache_prompt: bool = True
+    # llama-server's sampler chain order (canonical names: "penalties",
+    # "top_k", "typ_p", "top_p", "min_p", "temperature", ...); None: its default.
+    samplers: list[str] | None = None
+
+
+class InfillChunk(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    filename: str = "tmp"
+    text: str = ""
+
+
+class InfillInput(BaseModel):
+    """llama-server's /infill: the worker lays these out around the model's
+    fill-in-the-middle tokens. Prefix and suffix are strings and token ids."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input_prefix: list[int | str] = Field(default_factory=list)
+    input_suffix: list[int | str] = Field(default_factory=list)
+    input_extra: list[InfillChunk] = Field(default_factory=list)
+    prompt: str = ""
 
 
 class BeamOptions(BaseModel):
@@ -88,4 +122,9 @@ class GenerateJob(BaseModel):
     tool_names: list[str] = Field(default_factory=list)
     # Beam search instead of sampling (/v1/generate).
     beam: BeamOptions | None = None
+    # llama.cpp endpoints: the prompt as strings (tokenized) and token ids
+    # (verbatim), the /infill parts, and the slot to run on (None: any).
+    prompt_parts: list[int | str] | None = None
+    infill: InfillInput | None = None
+    id_slot: int | None = None
     enqueued_at: float = 0.0

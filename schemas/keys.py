@@ -34,3 +34,14 @@ def cancel_channel(model: str) -> str:
 
 def worker_field(model: str, worker_id: str) -> str:
     return f"{model}|{worker_id}"
+
+
+def model_props(model: str) -> str:
+    """JSON a worker writes when it starts: what llama-server's GET /props
+    reports (context size, default generation settings, chat template)."""
+    return f"{PREFIX}:props:{model}"
+
+
+def props_overrides(model: str) -> str:
+    """JSON of the /completion defaults set through POST /props."""
+    return f"{PREFIX}:props-overrides:{model}"

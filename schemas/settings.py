@@ -45,6 +45,9 @@ class Settings(BaseSettings):
     visibility_timeout: int = 6 * 3600
     # Worker heartbeat period; /health treats a worker silent for 3 periods as gone.
     heartbeat_interval: float = 5.0
+    # POST /props (llama-server's --props): off, it answers 403; on, it sets
+    # the defaults of /completion and /infill (shared through Redis).
+    props_writable: bool = False
 
     @field_validator("database_url")
     @classmethod

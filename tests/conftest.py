@@ -82,3 +82,9 @@ def pg_url(pg_server_url: str) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_llama(tmp_path_factory.mktemp("weights") / "tiny.gguf")
+
+
+@pytest.fixture(scope="session")
+def tiny_fim_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model with fill-in-the-middle tokens (llama-server's /infill)."""
+    return write_tiny_llama(tmp_path_factory.mktemp("weights-fim") / "tiny-fim.gguf", fim=True)

@@ -37,6 +37,7 @@ __all__ = [
     "CHAT_TEMPLATE",
     "EOS_TOKEN",
     "EOS_TOKEN_ID",
+    "FIM_TOKENS",
     "IM_END_TOKEN",
     "IM_END_TOKEN_ID",
     "IM_START_TOKEN",
@@ -61,6 +62,26 @@ BOS_TOKEN_ID: Final = 1
 EOS_TOKEN_ID: Final = 2
 IM_START_TOKEN_ID: Final = 3
 IM_END_TOKEN_ID: Final = 4
+
+# Fill-in-the-middle tokens (Qwen2.5-Coder's spelling), written only with
+# `fim=True`, after every other token so no other id moves. In the order of
+# llama.cpp's FIM keys: prefix, suffix, middle, pad, repo, file separator.
+FIM_TOKENS: Final = (
+    "<|fim_prefix|>",
+    "<|fim_suffix|>",
+    "<|fim_middle|>",
+    "<|fim_pad|>",
+    "<|repo_name|>",
+    "<|file_sep|>",
+)
+_FIM_KEYS: Final = (
+    gguf.Keys.Tokenizer.FIM_PRE_ID,
+    gguf.Keys.Tokenizer.FIM_SUF_ID,
+    gguf.Keys.Tokenizer.FIM_MID_ID,
+    gguf.Keys.Tokenizer.FIM_PAD_ID,
+    gguf.Keys.Tokenizer.FIM_REP_ID,
+    gguf.Keys.Tokenizer.FIM_SEP_ID,
+)
 
 # Standard HF-style ChatML template.  llama.cpp recognises it as "chatml"
 # (it contains <|im_start|>), and Jinja renderers can run it as-is.
@@ -247,13 +268,22 @@ def _weights(
     return {name: t.astype(np.float32) for name, t in tensors.items()}
 
 
-def write_tiny_llama(path: pathlib.Path, *, seed: int = 0) -> pathlib.Path:
+def write_tiny_llama(path: pathlib.Path, *, seed: int = 0, fim: bool = False) -> pathlib.Path:
     """Write the tiny llama GGUF model to ``path`` and return ``path``.
 
-    The file is a pure function of ``seed``: the same seed gives a
-    byte-identical file, so tests can compare outputs across runs.
+    The file is a pure function of ``seed`` (and ``fim``): the same arguments
+    give a byte-identical file, so tests can compare outputs across runs.
+    ``fim=True`` adds the fill-in-the-middle tokens ``FIM_TOKENS`` (control
+    tokens, never generated) and their metadata, for llama-server's /infill.
     """
     tokens, scores, types, generated_ids = _vocabulary()
+    fim_ids = []
+    if fim:
+        for token in FIM_TOKENS:
+            fim_ids.append(len(tokens))
+            tokens.append(token)
+            types.append(gguf.TokenType.CONTROL)
+            scores.append(0.0)
     rng = np.random.default_rng(seed)
     tensors = _weights(len(tokens), generated_ids, rng)
 
@@ -283,6 +313,8 @@ def write_tiny_llama(path: pathlib.Path, *, seed: int = 0) -> pathlib.Path:
     writer.add_add_bos_token(True)
     writer.add_add_eos_token(False)
     writer.add_chat_template(CHAT_TEMPLATE)
+    for key, token_id in zip(_FIM_KEYS, fim_ids, strict=False):
+        writer.add_uint32(key, token_id)
 
     for name, tensor in tensors.items():
         writer.add_tensor(name, tensor)

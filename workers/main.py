@@ -37,6 +37,7 @@ def run_worker(model_name: str, *, gpu: int | None = None) -> int:
     # Imported here so that CUDA_VISIBLE_DEVICES is set first.
     from workers.engine.llama_engine import LlamaEngine
     from workers.engine.llama_model import ContextOptions, LlamaModel
+    from workers.llama_server import publish_props
     from workers.presence import CancelListener, Heartbeat
     from workers.service import WorkerRuntime
     from workers.sink import RedisSink
@@ -75,6 +76,8 @@ def run_worker(model_name: str, *, gpu: int | None = None) -> int:
     )
     app = make_celery(settings, name=f"inferq-worker-{config.name}")
     register(app, runtime)
+    # What llama-server's GET /props reports, for the API to read.
+    publish_props(client, config, engine, settings.models_dir)
 
     def cancel(request_id: str) -> None:
         request = runtime.running.get(request_id)

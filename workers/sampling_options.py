@@ -134,4 +134,5 @@ def resolve_sampling(job: GenerateJob, config: ModelConfig, model: LlamaModel) -
         beam=job.beam is not None,
         length_penalty=job.beam.length_penalty if job.beam else 1.0,
         early_stopping=job.beam.early_stopping if job.beam else False,
+        samplers=tuple(req.samplers) if req.samplers is not None else None,
     )

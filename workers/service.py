@@ -12,10 +12,11 @@ from sqlalchemy import Engine
 
 from schemas import keys
 from schemas.events import Accepted, Done, ErrorEvent, encode
-from schemas.jobs import CHAT_ENDPOINTS, GenerateJob
+from schemas.jobs import CHAT_ENDPOINTS, LLAMA_ENDPOINTS, GenerateJob
 from schemas.registry import ModelConfig
 from workers.engine.llama_engine import LlamaEngine
 from workers.engine.types import ContextLengthExceeded, EngineRequest, TooManyChoices
+from workers.llama_server import LlamaPromptError, accepted, llama_tokens
 from workers.sampling_options import SamplingError, resolve_sampling
 from workers.templates import PromptBuilder, PromptError
 from workers.usage import record_usage
@@ -41,6 +42,9 @@ def _publish(runtime: WorkerRuntime, request_id: str, event: Accepted | Done | E
 
 def build_prompt(runtime: WorkerRuntime, job: GenerateJob) -> list[int]:
     engine = runtime.engine
+    if job.endpoint in LLAMA_ENDPOINTS:
+        # llama-server's /completion and /infill evaluate their prompt verbatim.
+        return llama_tokens(engine, job)
     if job.endpoint in CHAT_ENDPOINTS:
         tools = job.tools if job.tool_mode != "none" else None
         text = runtime.prompts.chat(job.messages or [], tools=tools)
@@ -101,6 +105,8 @@ def _run_generate(runtime: WorkerRuntime, job: GenerateJob) -> None:
             param = exc.param
         if isinstance(exc, (PromptError, ContextLengthExceeded)):
             param = "messages" if job.endpoint in CHAT_ENDPOINTS else "prompt"
+        if isinstance(exc, LlamaPromptError):
+            code, param = exc.code, exc.param
         _publish(
             runtime,
             job.request_id,
@@ -114,8 +120,13 @@ def _run_generate(runtime: WorkerRuntime, job: GenerateJob) -> None:
         )
         account("rejected", 0, 0, None)
         return
-    request = EngineRequest(job.request_id, tokens, sampling, stream=job.stream)
-    _publish(runtime, job.request_id, Accepted(prompt_tokens=len(tokens)))
+    request = EngineRequest(
+        job.request_id, tokens, sampling, stream=job.stream, id_slot=job.id_slot
+    )
+    if job.endpoint in LLAMA_ENDPOINTS:
+        _publish(runtime, job.request_id, accepted(runtime.engine, job, sampling, tokens))
+    else:
+        _publish(runtime, job.request_id, Accepted(prompt_tokens=len(tokens)))
     runtime.running[job.request_id] = request
     try:
         runtime.engine.submit(request)

@@ -31,12 +31,13 @@ from workers.engine import beam
 from workers.engine.beam import BeamState
 from workers.engine.llama_model import LlamaModel
 from workers.engine.sampling import build_chain, choice_seed, logprob_entry
-from workers.engine.sequence import Group, Sequence, common_prefix
+from workers.engine.sequence import Group, Sequence, common_prefix, next_admissible
 from workers.engine.text import TextAssembler
 from workers.engine.types import (
     ContextLengthExceeded,
     EngineRequest,
     EventSink,
+    InvalidSlot,
     TooManyChoices,
 )
 
@@ -102,6 +103,8 @@ class LlamaEngine:
         for request in requests:
             sampling = request.sampling
             self.check_fits(len(request.prompt_tokens), sampling.max_tokens, sampling.n)
+            if request.id_slot is not None and not 0 <= request.id_slot < self.n_slots:
+                raise InvalidSlot(request.id_slot, self.n_slots)
         with self._wake:
             self._incoming.extend(requests)
             self._wake.notify()
@@ -155,11 +158,11 @@ class LlamaEngine:
         self._finished.clear()
 
     def _admit(self, out: Out) -> None:
-        for request in [r for r in self._waiting if r.cancelled]:
+        for cancelled in [r for r in self._waiting if r.cancelled]:
+            self._waiting.remove(cancelled)
+            self._finish(cancelled, _cancelled(cancelled), out)
+        while (request := next_admissible(self._waiting, self._free_slots)) is not None:
             self._waiting.remove(request)
-            self._finish(request, _cancelled(request), out)
-        while self._waiting and len(self._free_slots) >= self._waiting[0].sampling.n:
-            request = self._waiting.popleft()
             group = Group(request)
             if request.sampling.beam:
                 group.beam = BeamState(
@@ -170,7 +173,9 @@ class LlamaEngine:
                     or (self.n_ctx_per_slot - len(request.prompt_tokens)),
                 )
             prompt = request.prompt_tokens
-            primary_slot, reused = self._pick_slot(prompt, request.sampling.cache_prompt)
+            primary_slot, reused = self._pick_slot(
+                prompt, request.sampling.cache_prompt, request.id_slot
+            )
             group.tokens_cached = reused
             self.stats.prompt_tokens_cached += reused
             primary = self._new_sequence(group, 0, primary_slot)
@@ -183,14 +188,19 @@ class LlamaEngine:
                 sibling.fork_of = primary
                 self._active.append(sibling)
 
-    def _pick_slot(self, prompt: list[int], cache_prompt: bool) -> tuple[int, int]:
+    def _pick_slot(
+        self, prompt: list[int], cache_prompt: bool, pinned: int | None = None
+    ) -> tuple[int, int]:
         """The free slot caching the longest prefix of `prompt` (when that is
-        worth it), else the lowest free slot; and how many tokens it reuses."""
+        worth it), else the lowest free slot, or the `pinned` one (llama-server's
+        id_slot); and how many tokens it reuses."""
         # Low slots first: a compact set of busy slots decodes in fewer
         # micro-batches (see _step).
         self._free_slots.sort()
-        best, best_len = self._free_slots[0], 0
-        if cache_prompt:
+        best, best_len = self._free_slots[0] if pinned is None else pinned, 0
+        if cache_prompt and pinned is not None:
+            best_len = common_prefix(self._slot_tokens[pinned], prompt)
+        elif cache_prompt:
             for slot in self._free_slots:
                 shared = common_prefix(self._slot_tokens[slot], prompt)
                 if shared > best_len:
@@ -239,7 +249,11 @@ class LlamaEngine:
             index=index,
             slot=slot,
             sampler=chain,
-            max_tokens=sampling.max_tokens or (self.n_ctx_per_slot - len(prompt)),
+            max_tokens=(
+                sampling.max_tokens
+                if sampling.max_tokens is not None
+                else self.n_ctx_per_slot - len(prompt)
+            ),
             text=TextAssembler(sampling.stop),
         )
 
@@ -280,6 +294,8 @@ class LlamaEngine:
             take = chunks.get(id(seq), 0)
             if take == 0:
                 continue
+            if seq.group.prompt_started is None:
+                seq.group.prompt_started = _now()
             prompt = seq.request.prompt_tokens
             start = seq.n_evaluated
             self._tokens[n : n + take] = prompt[start : start + take]
@@ -301,6 +317,7 @@ class LlamaEngine:
             raise RuntimeError(f"llama_decode returned {rc}")
         self.stats.steps += 1
         for primary in completed:
+            primary.group.prompt_done = _now()
             self._fork(primary)
         beams: dict[int, list[Sequence]] = {}
         for seq in list(self._active):
@@ -352,6 +369,10 @@ class LlamaEngine:
     def _on_token(self, seq: Sequence, token: int, out: Out) -> None:
         request = seq.request
         group = seq.group
+        if seq.max_tokens == 0:
+            # llama.cpp's n_predict 0: the prompt is in the cache, nothing more.
+            self._complete(seq, "length", out, "limit")
+            return
         if group.first_token_at is None:
             group.first_token_at = _now()
         if request.sampling.logprobs is not None:
@@ -359,7 +380,7 @@ class LlamaEngine:
                 self.model, seq.logits_index, token, seq.request.sampling.logprobs or 0
             )
         if self.model.is_eog(token):
-            self._complete(seq, "stop", out)
+            self._complete(seq, "stop", out, "eos")
             return
         seq.n_generated += 1
         group.n_generated += 1
@@ -372,12 +393,12 @@ class LlamaEngine:
         if request.stream:
             self._emit(seq, text, out)
         if seq.text.stopped:
-            self._complete(seq, "stop", out)
+            self._complete(seq, "stop", out, "word")
         elif (
             seq.n_generated >= seq.max_tokens
             or len(request.prompt_tokens) + seq.n_generated >= self.n_ctx_per_slot
         ):
-            self._complete(seq, "length", out)
+            self._complete(seq, "length", out, "limit")
 
     def _emit(self, seq: Sequence, text: str, out: Out) -> None:
         request_id = seq.request.request_id
@@ -388,12 +409,12 @@ class LlamaEngine:
             out.append((request_id, encode_token_logprobs(seq.index, text, seq.pending_logprobs)))
             seq.pending_logprobs = []
 
-    def _complete(self, seq: Sequence, reason: str, out: Out) -> None:
+    def _complete(self, seq: Sequence, reason: str, out: Out, stop_type: str) -> None:
         if not seq.text.stopped:
             tail = seq.text.finish()
             if seq.request.stream and (tail or seq.pending_logprobs):
                 self._emit(seq, tail, out)
-        seq.group.choices[seq.index] = seq.finish(reason)
+        seq.group.choices[seq.index] = seq.finish(reason, stop_type)
         self._release(seq)
         if seq.group.complete:
             self._finish(seq.request, seq.group.result(), out)

@@ -1,7 +1,8 @@
 """Per-sequence sampler chains and log-probabilities, on llama.cpp's samplers.
 
 The chain follows llama-server's order: logit bias, grammar, penalties, then
-top_k, typical, top_p, min_p, temperature and the draw (or mirostat)."""
+top_k, typical, top_p, min_p, temperature and the draw (or mirostat). A
+request may give its own order (llama-server's `samplers`)."""
 
 from __future__ import annotations
 
@@ -56,21 +57,12 @@ def build_chain(
         _add(chain, llama_cpp.llama_sampler_init_logit_bias(n_vocab, len(biases), array))
     if sampling.grammar:
         _add(chain, grammar_sampler(vocab, sampling.grammar))
-    if (
-        sampling.repeat_penalty != 1.0
-        or sampling.presence_penalty != 0.0
-        or sampling.frequency_penalty != 0.0
-    ):
-        last_n = n_vocab if sampling.repeat_last_n < 0 else sampling.repeat_last_n
-        penalties = llama_cpp.llama_sampler_init_penalties(
-            n_vocab,
-            last_n,
-            sampling.repeat_penalty,
-            sampling.frequency_penalty,
-            sampling.presence_penalty,
-        )
-        for token in history[-last_n:] if last_n > 0 else []:
-            llama_cpp.llama_sampler_accept(penalties, token)
+    if sampling.samplers is not None and not sampling.mirostat:
+        _add_in_order(chain, sampling, vocab=vocab, n_vocab=n_vocab, history=history)
+        _add(chain, llama_cpp.llama_sampler_init_dist(seed))
+        return chain
+    penalties = _penalties(sampling, n_vocab, history)
+    if penalties is not None:
         _add(chain, penalties)
     min_keep = max(sampling.min_keep, 1)
     if sampling.temperature <= 0.0:
@@ -103,6 +95,54 @@ def build_chain(
         _add(chain, llama_cpp.llama_sampler_init_temp(sampling.temperature))
         _add(chain, llama_cpp.llama_sampler_init_dist(seed))
     return chain
+
+
+def _penalties(sampling: Sampling, n_vocab: int, history: list[int]) -> Any:
+    if (
+        sampling.repeat_penalty == 1.0
+        and sampling.presence_penalty == 0.0
+        and sampling.frequency_penalty == 0.0
+    ):
+        return None
+    last_n = n_vocab if sampling.repeat_last_n < 0 else sampling.repeat_last_n
+    penalties = llama_cpp.llama_sampler_init_penalties(
+        n_vocab,
+        last_n,
+        sampling.repeat_penalty,
+        sampling.frequency_penalty,
+        sampling.presence_penalty,
+    )
+    for token in history[-last_n:] if last_n > 0 else []:
+        llama_cpp.llama_sampler_accept(penalties, token)
+    return penalties
+
+
+def _add_in_order(
+    chain: Any, sampling: Sampling, *, vocab: Any, n_vocab: int, history: list[int]
+) -> None:
+    """llama-server's `samplers`: exactly these, in this order (a sampler left
+    out is not used, one named twice applies twice). Temperature 0 keeps only
+    the likeliest token, as llama.cpp's temperature sampler does. dry, xtc,
+    top_n_sigma, adaptive_p and tfs_z are skipped: inferq has no parameters
+    for them, and at llama-server's defaults they do nothing."""
+    min_keep = max(sampling.min_keep, 1)
+    for name in sampling.samplers or ():
+        if name == "penalties":
+            penalties = _penalties(sampling, n_vocab, history)
+            if penalties is not None:
+                _add(chain, penalties)
+        elif name == "top_k" and sampling.top_k > 0:
+            _add(chain, llama_cpp.llama_sampler_init_top_k(sampling.top_k))
+        elif name == "typ_p" and sampling.typical_p < 1.0:
+            _add(chain, llama_cpp.llama_sampler_init_typical(sampling.typical_p, min_keep))
+        elif name == "top_p" and sampling.top_p < 1.0:
+            _add(chain, llama_cpp.llama_sampler_init_top_p(sampling.top_p, min_keep))
+        elif name == "min_p" and sampling.min_p > 0.0:
+            _add(chain, llama_cpp.llama_sampler_init_min_p(sampling.min_p, min_keep))
+        elif name == "temperature":
+            _add(chain, llama_cpp.llama_sampler_init_temp(sampling.temperature))
+        elif name == "infill":
+            _add(chain, llama_cpp.llama_sampler_init_infill(vocab))
 
 
 def choice_seed(seed: int | None, index: int) -> int:

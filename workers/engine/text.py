@@ -9,11 +9,13 @@ import codecs
 class StopBuffer:
     """Holds back the tail of the text that could still become a stop string."""
 
-    __slots__ = ("_pending", "_stops")
+    __slots__ = ("_pending", "_stops", "matched")
 
     def __init__(self, stops: tuple[str, ...] | list[str]) -> None:
         self._stops = tuple(s for s in stops if s)
         self._pending = ""
+        # The stop string that ended the text (llama-server's stopping_word).
+        self.matched: str | None = None
 
     def push(self, text: str) -> tuple[str, bool]:
         """Add text; return (text safe to emit, whether a stop string matched).
@@ -26,6 +28,7 @@ class StopBuffer:
             at = pending.find(stop)
             if at != -1 and (first == -1 or at < first):
                 first = at
+                self.matched = stop
         if first != -1:
             self._pending = ""
             return pending[:first], True
@@ -75,3 +78,8 @@ class TextAssembler:
     @property
     def text(self) -> str:
         return "".join(self.text_parts)
+
+    @property
+    def stop_word(self) -> str | None:
+        """The stop string that ended the text, if one did."""
+        return self._stop.matched

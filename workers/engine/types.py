@@ -52,6 +52,9 @@ class Sampling:
     beam: bool = False
     length_penalty: float = 1.0
     early_stopping: bool | str = False
+    # The sampler chain in this order (llama-server's `samplers`, canonical
+    # names); None: llama-server's default order.
+    samplers: tuple[str, ...] | None = None
 
 
 class EventSink(Protocol):
@@ -67,6 +70,8 @@ class EngineRequest:
     sampling: Sampling
     # Streamed requests get one event per token; the others one final event.
     stream: bool = True
+    # Run on this slot (llama-server's id_slot); None: whichever suits best.
+    id_slot: int | None = None
     result: Done | ErrorEvent | None = None
     cancelled: bool = False
     finished: threading.Event = field(default_factory=threading.Event)
@@ -96,3 +101,8 @@ class ContextLengthExceeded(ValueError):
 class TooManyChoices(ValueError):
     def __init__(self, n: int, slots: int) -> None:
         super().__init__(f"n={n} needs {n} parallel slots; this model has {slots}")
+
+
+class InvalidSlot(ValueError):
+    def __init__(self, slot: int, slots: int) -> None:
+        super().__init__(f"id_slot {slot} does not exist: this worker has slots 0 to {slots - 1}")

@@ -1,0 +1,132 @@
+"""Model vocabularies in the API process, for llama-server's /tokenize and
+/detokenize: only the vocabulary is loaded (`vocab_only`, no weights and no
+context), lazily, once per model file, from the API's own models directory."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import threading
+from pathlib import Path
+
+import llama_cpp
+
+from schemas.registry import ModelConfig
+
+log = logging.getLogger("inferq.llama")
+
+_init_lock = threading.Lock()
+_initialized = False
+
+
+@ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)  # type: ignore[untyped-decorator]
+def _log_callback(level: int, text: bytes | None, _user: ctypes.c_void_p) -> None:
+    # llama.cpp writes to stderr unless a callback takes its logs: keep them
+    # at debug, errors (GGML_LOG_LEVEL_ERROR = 4) as warnings. The workers'
+    # engine installs its own equivalent; the API must not import workers/.
+    if not text:
+        return
+    message = text.decode("utf-8", errors="replace").rstrip()
+    if message:
+        log.log(logging.WARNING if level == 4 else logging.DEBUG, "%s", message)
+
+
+def _init_llama() -> None:
+    global _initialized
+    with _init_lock:
+        if not _initialized:
+            llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
+            llama_cpp.llama_backend_init()
+            _initialized = True
+
+
+class VocabUnavailable(Exception):
+    """This API process cannot read the model's vocabulary (a 503)."""
+
+
+class Vocab:
+    """One model's vocabulary. llama.cpp's tokenizer only reads it, so
+    requests on several threads may share it."""
+
+    def __init__(self, path: Path) -> None:
+        _init_llama()
+        params = llama_cpp.llama_model_default_params()
+        params.vocab_only = True
+        model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+        if not model:
+            raise VocabUnavailable(f"llama.cpp could not read the vocabulary of {path}")
+        # Kept for the life of the process, like the cache holding it.
+        self._model = model
+        self._vocab = llama_cpp.llama_model_get_vocab(model)
+        self.n_tokens = int(llama_cpp.llama_vocab_n_tokens(self._vocab))
+
+    def tokenize(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
+        data = text.encode("utf-8")
+        capacity = len(data) + 8
+        while True:
+            buf = (llama_cpp.llama_token * capacity)()
+            n = llama_cpp.llama_tokenize(
+                self._vocab, data, len(data), buf, capacity, add_special, parse_special
+            )
+            if n >= 0:
+                return list(buf[:n])
+            capacity = -n
+
+    def tokenize_mixed(
+        self, parts: list[int | str], *, add_special: bool, parse_special: bool
+    ) -> list[int]:
+        """llama-server's tokenize_mixed: strings tokenized, ids kept; special
+        tokens are added only when the first part is a string."""
+        tokens: list[int] = []
+        for i, part in enumerate(parts):
+            if isinstance(part, str):
+                first = add_special and i == 0
+                tokens.extend(self.tokenize(part, add_special=first, parse_special=parse_special))
+            else:
+                tokens.append(part)
+        return tokens
+
+    def invalid(self, tokens: list[int]) -> int | None:
+        """The first token id that is not in the vocabulary, if any."""
+        return next((t for t in tokens if not 0 <= t < self.n_tokens), None)
+
+    def piece(self, token: int) -> bytes:
+        """The bytes of one token, special tokens written out (as llama-server's
+        common_token_to_piece does). The caller checks the id first."""
+        buf = ctypes.create_string_buffer(64)
+        n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, True)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, True)
+        return buf.raw[: max(n, 0)]
+
+    def detokenize(self, tokens: list[int]) -> str:
+        """The pieces joined, as llama-server's /detokenize answers."""
+        return b"".join(self.piece(t) for t in tokens).decode("utf-8", errors="replace")
+
+
+class VocabCache:
+    def __init__(self, models_dir: Path) -> None:
+        self.models_dir = models_dir
+        self._lock = threading.Lock()
+        self._loaded: dict[Path, Vocab] = {}
+
+    def get(self, name: str, config: ModelConfig | None) -> Vocab:
+        """The vocabulary of model `name` (blocking: call from a thread)."""
+        if config is None or config.backend != "llama-cpp":
+            raise VocabUnavailable(
+                f"the API has no local copy of model '{name}': tokenization reads the "
+                f"model file from its models directory ({self.models_dir})"
+            )
+        path = config.model_path(self.models_dir)
+        with self._lock:
+            vocab = self._loaded.get(path)
+            if vocab is None:
+                if not path.is_file():
+                    raise VocabUnavailable(
+                        f"the API has no local copy of model '{name}' ({path} is missing): "
+                        "tokenization reads the model file"
+                    )
+                log.info("loading the vocabulary of %s from %s", name, path)
+                vocab = self._loaded[path] = Vocab(path)
+            return vocab
