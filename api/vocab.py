@@ -4,40 +4,16 @@ context), lazily, once per model file, from the API's own models directory."""
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import threading
 from pathlib import Path
 
 import llama_cpp
 
+from schemas.llama_vocab import init_backend, token_piece, tokenize, tokenize_mixed
 from schemas.registry import ModelConfig
 
 log = logging.getLogger("inferq.llama")
-
-_init_lock = threading.Lock()
-_initialized = False
-
-
-@ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)  # type: ignore[untyped-decorator]
-def _log_callback(level: int, text: bytes | None, _user: ctypes.c_void_p) -> None:
-    # llama.cpp writes to stderr unless a callback takes its logs: keep them
-    # at debug, errors (GGML_LOG_LEVEL_ERROR = 4) as warnings. The workers'
-    # engine installs its own equivalent; the API must not import workers/.
-    if not text:
-        return
-    message = text.decode("utf-8", errors="replace").rstrip()
-    if message:
-        log.log(logging.WARNING if level == 4 else logging.DEBUG, "%s", message)
-
-
-def _init_llama() -> None:
-    global _initialized
-    with _init_lock:
-        if not _initialized:
-            llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
-            llama_cpp.llama_backend_init()
-            _initialized = True
 
 
 class VocabUnavailable(Exception):
@@ -49,7 +25,7 @@ class Vocab:
     requests on several threads may share it."""
 
     def __init__(self, path: Path) -> None:
-        _init_llama()
+        init_backend()
         params = llama_cpp.llama_model_default_params()
         params.vocab_only = True
         model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
@@ -61,30 +37,14 @@ class Vocab:
         self.n_tokens = int(llama_cpp.llama_vocab_n_tokens(self._vocab))
 
     def tokenize(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
-        data = text.encode("utf-8")
-        capacity = len(data) + 8
-        while True:
-            buf = (llama_cpp.llama_token * capacity)()
-            n = llama_cpp.llama_tokenize(
-                self._vocab, data, len(data), buf, capacity, add_special, parse_special
-            )
-            if n >= 0:
-                return list(buf[:n])
-            capacity = -n
+        return tokenize(self._vocab, text, add_special=add_special, parse_special=parse_special)
 
     def tokenize_mixed(
         self, parts: list[int | str], *, add_special: bool, parse_special: bool
     ) -> list[int]:
-        """llama-server's tokenize_mixed: strings tokenized, ids kept; special
-        tokens are added only when the first part is a string."""
-        tokens: list[int] = []
-        for i, part in enumerate(parts):
-            if isinstance(part, str):
-                first = add_special and i == 0
-                tokens.extend(self.tokenize(part, add_special=first, parse_special=parse_special))
-            else:
-                tokens.append(part)
-        return tokens
+        return tokenize_mixed(
+            self.tokenize, parts, add_special=add_special, parse_special=parse_special
+        )
 
     def invalid(self, tokens: list[int]) -> int | None:
         """The first token id that is not in the vocabulary, if any."""
@@ -93,12 +53,7 @@ class Vocab:
     def piece(self, token: int) -> bytes:
         """The bytes of one token, special tokens written out (as llama-server's
         common_token_to_piece does). The caller checks the id first."""
-        buf = ctypes.create_string_buffer(64)
-        n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, True)
-        if n < 0:
-            buf = ctypes.create_string_buffer(-n)
-            n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, True)
-        return buf.raw[: max(n, 0)]
+        return token_piece(self._vocab, token, special=True)
 
     def detokenize(self, tokens: list[int]) -> str:
         """The pieces joined, as llama-server's /detokenize answers."""

@@ -19,6 +19,7 @@ from schemas import keys
 from schemas.events import Accepted
 from schemas.jobs import GenerateJob, InfillInput
 from schemas.llama_server import DEFAULT_SAMPLERS
+from schemas.llama_vocab import tokenize_mixed
 from schemas.registry import ModelConfig
 from workers.engine.llama_engine import LlamaEngine
 from workers.engine.llama_model import LlamaModel
@@ -47,16 +48,9 @@ class LlamaPromptError(PromptError):
 def mixed_tokens(
     model: LlamaModel, parts: Sequence[int | str], *, add_special: bool, parse_special: bool
 ) -> list[int]:
-    """llama-server's tokenize_mixed: strings are tokenized, ids kept as they
-    are; special tokens (BOS) are added only when the first part is a string."""
-    tokens: list[int] = []
-    for i, part in enumerate(parts):
-        if isinstance(part, str):
-            first = add_special and i == 0
-            tokens.extend(model.tokenize(part, add_special=first, parse_special=parse_special))
-        else:
-            tokens.append(part)
-    return tokens
+    return tokenize_mixed(
+        model.tokenize, parts, add_special=add_special, parse_special=parse_special
+    )
 
 
 def completion_tokens(model: LlamaModel, parts: Sequence[int | str]) -> list[int]:

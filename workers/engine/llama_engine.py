@@ -31,7 +31,8 @@ from workers.engine import beam
 from workers.engine.beam import BeamState
 from workers.engine.llama_model import LlamaModel
 from workers.engine.sampling import build_chain, choice_seed, logprob_entry
-from workers.engine.sequence import Group, Sequence, common_prefix, next_admissible
+from workers.engine.sequence import Group, Sequence, next_admissible
+from workers.engine.slots import Slots
 from workers.engine.text import TextAssembler
 from workers.engine.types import (
     ContextLengthExceeded,
@@ -44,8 +45,6 @@ from workers.engine.types import (
 log = logging.getLogger("inferq.engine")
 
 Out = list[tuple[str, bytes]]
-# A cached prefix shorter than this is not worth taking a slot out of order.
-MIN_REUSE = 16
 
 
 def _slot_of(seq: Sequence) -> int:
@@ -70,9 +69,8 @@ class LlamaEngine:
         self._incoming: collections.deque[EngineRequest] = collections.deque()
         self._waiting: collections.deque[EngineRequest] = collections.deque()
         self._wake = threading.Condition()
-        self._free_slots = list(range(self.n_slots))
         # Tokens whose KV entries each slot holds, for prompt prefix reuse.
-        self._slot_tokens: list[list[int]] = [[] for _ in range(self.n_slots)]
+        self._slots = Slots(model)
         self._active: list[Sequence] = []
         self._finished: list[EngineRequest] = []
         self._stopping = False
@@ -161,7 +159,7 @@ class LlamaEngine:
         for cancelled in [r for r in self._waiting if r.cancelled]:
             self._waiting.remove(cancelled)
             self._finish(cancelled, _cancelled(cancelled), out)
-        while (request := next_admissible(self._waiting, self._free_slots)) is not None:
+        while (request := next_admissible(self._waiting, self._slots.free)) is not None:
             self._waiting.remove(request)
             group = Group(request)
             if request.sampling.beam:
@@ -173,7 +171,7 @@ class LlamaEngine:
                     or (self.n_ctx_per_slot - len(request.prompt_tokens)),
                 )
             prompt = request.prompt_tokens
-            primary_slot, reused = self._pick_slot(
+            primary_slot, reused = self._slots.pick(
                 prompt, request.sampling.cache_prompt, request.id_slot
             )
             group.tokens_cached = reused
@@ -182,55 +180,10 @@ class LlamaEngine:
             primary.n_evaluated = reused
             self._active.append(primary)
             for index in range(1, request.sampling.n):
-                slot = self._free_slots.pop(0)
-                self._clear_slot(slot)
+                slot = self._slots.take_lowest()
                 sibling = self._new_sequence(group, index, slot)
                 sibling.fork_of = primary
                 self._active.append(sibling)
-
-    def _pick_slot(
-        self, prompt: list[int], cache_prompt: bool, pinned: int | None = None
-    ) -> tuple[int, int]:
-        """The free slot caching the longest prefix of `prompt` (when that is
-        worth it), else the lowest free slot, or the `pinned` one (llama-server's
-        id_slot); and how many tokens it reuses."""
-        # Low slots first: a compact set of busy slots decodes in fewer
-        # micro-batches (see _step).
-        self._free_slots.sort()
-        best, best_len = self._free_slots[0] if pinned is None else pinned, 0
-        if cache_prompt and pinned is not None:
-            best_len = common_prefix(self._slot_tokens[pinned], prompt)
-        elif cache_prompt:
-            for slot in self._free_slots:
-                shared = common_prefix(self._slot_tokens[slot], prompt)
-                if shared > best_len:
-                    best, best_len = slot, shared
-            if best_len < MIN_REUSE and best != self._free_slots[0]:
-                best = self._free_slots[0]
-                best_len = common_prefix(self._slot_tokens[best], prompt)
-        self._free_slots.remove(best)
-        # At least the last prompt token is evaluated again: it yields the logits.
-        reuse = min(best_len, len(prompt) - 1)
-        if reuse <= 0 or not self._truncate_slot(best, reuse):
-            self._clear_slot(best)
-            return best, 0
-        return best, reuse
-
-    def _truncate_slot(self, slot: int, keep: int) -> bool:
-        mem = self.model.memory
-        if not llama_cpp.llama_memory_seq_rm(mem, slot, keep, -1):
-            return False
-        # Sliding-window layers drop old cells: the prefix is only reusable when
-        # the window before `keep` is still there (as llama-server checks).
-        n_swa = self.model.n_swa
-        if n_swa > 0 and llama_cpp.llama_memory_seq_pos_min(mem, slot) > max(0, keep - n_swa):
-            return False
-        del self._slot_tokens[slot][keep:]
-        return True
-
-    def _clear_slot(self, slot: int) -> None:
-        self.model.clear_slot(slot)
-        self._slot_tokens[slot].clear()
 
     def _new_sequence(self, group: Group, index: int, slot: int) -> Sequence:
         request = group.request
@@ -287,7 +240,7 @@ class LlamaEngine:
                 self._pos[n] = seq.position
                 batch.seq_id[n][0] = seq.slot
                 self._logits[n] = 1
-                self._slot_tokens[seq.slot].append(seq.last_token)
+                self._slots.tokens[seq.slot].append(seq.last_token)
                 seq.logits_index = n
                 n += 1
                 continue
@@ -303,7 +256,7 @@ class LlamaEngine:
             self._logits[n : n + take] = 0
             for i in range(n, n + take):
                 batch.seq_id[i][0] = seq.slot
-            self._slot_tokens[seq.slot].extend(prompt[start : start + take])
+            self._slots.tokens[seq.slot].extend(prompt[start : start + take])
             seq.n_evaluated += take
             self.stats.prompt_tokens_evaluated += take
             n += take
@@ -353,7 +306,7 @@ class LlamaEngine:
 
     def copy_slot_tokens(self, source: int, target: int) -> None:
         """Beam search copied one slot's KV cache into another."""
-        self._slot_tokens[target] = list(self._slot_tokens[source])
+        self._slots.copy(source, target)
 
     def _fork(self, primary: Sequence) -> None:
         """Siblings of a request take a copy of its evaluated prompt (the copy
@@ -361,7 +314,7 @@ class LlamaEngine:
         for seq in self._active:
             if seq.fork_of is primary:
                 llama_cpp.llama_memory_seq_cp(self.model.memory, primary.slot, seq.slot, -1, -1)
-                self._slot_tokens[seq.slot] = list(self._slot_tokens[primary.slot])
+                self._slots.tokens[seq.slot] = list(self._slots.tokens[primary.slot])
                 seq.fork_of = None
                 seq.n_evaluated = primary.n_evaluated
                 seq.logits_index = primary.logits_index
@@ -434,9 +387,8 @@ class LlamaEngine:
     def _release(self, seq: Sequence, *, keep_cache: bool = True) -> None:
         self._active.remove(seq)
         llama_cpp.llama_sampler_free(seq.sampler)
-        if not (keep_cache and seq.request.sampling.cache_prompt) or seq.waiting:
-            self._clear_slot(seq.slot)
-        self._free_slots.append(seq.slot)
+        keep = keep_cache and seq.request.sampling.cache_prompt and not seq.waiting
+        self._slots.release(seq.slot, keep_cache=keep)
 
     def _finish(self, request: EngineRequest, result: Done | ErrorEvent, out: Out) -> None:
         if request.result is not None:

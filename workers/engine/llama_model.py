@@ -9,36 +9,14 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import llama_cpp
 
+from schemas.llama_vocab import init_backend, token_piece, tokenize
+
 log = logging.getLogger("inferq.llama")
-
-_backend_lock = threading.Lock()
-_backend_ready = False
-
-
-@ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)  # type: ignore[untyped-decorator]
-def _log_callback(level: int, text: bytes | None, _user: ctypes.c_void_p) -> None:
-    # llama.cpp prints to stderr unless a callback takes its logs; keep them
-    # at debug except errors (GGML_LOG_LEVEL_ERROR = 4).
-    if not text:
-        return
-    message = text.decode("utf-8", errors="replace").rstrip()
-    if message:
-        log.log(logging.WARNING if level == 4 else logging.DEBUG, "%s", message)
-
-
-def init_backend() -> None:
-    global _backend_ready
-    with _backend_lock:
-        if not _backend_ready:
-            llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
-            llama_cpp.llama_backend_init()
-            _backend_ready = True
 
 
 @dataclass(frozen=True)
@@ -94,38 +72,21 @@ class LlamaModel:
         self.n_swa = int(llama_cpp.llama_model_n_swa(model))
         self._eog: list[int] | None = None
         self._pieces: dict[int, bytes] = {}
-        self._piece_buf = ctypes.create_string_buffer(256)
-        self._piece_lock = threading.Lock()
 
     # -- vocabulary -------------------------------------------------------
 
     def tokenize(self, text: str, *, add_special: bool, parse_special: bool = True) -> list[int]:
-        data = text.encode("utf-8")
-        capacity = len(data) + 8
-        while True:
-            buf = (llama_cpp.llama_token * capacity)()
-            n = llama_cpp.llama_tokenize(
-                self.vocab, data, len(data), buf, capacity, add_special, parse_special
-            )
-            if n >= 0:
-                return list(buf[:n])
-            capacity = -n
+        return tokenize(self.vocab, text, add_special=add_special, parse_special=parse_special)
 
     def piece(self, token: int) -> bytes:
         """The bytes a token adds to the text (special tokens render empty)."""
         cached = self._pieces.get(token)
-        if cached is not None:
-            return cached
-        with self._piece_lock:
-            n = llama_cpp.llama_token_to_piece(self.vocab, token, self._piece_buf, 256, 0, False)
-            data = self._piece_buf.raw[: max(n, 0)]
-        self._pieces[token] = data
-        return data
+        if cached is None:
+            cached = self._pieces[token] = token_piece(self.vocab, token, special=False)
+        return cached
 
     def special_text(self, token: int) -> str:
-        buf = ctypes.create_string_buffer(256)
-        n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, 256, 0, True)
-        return buf.raw[: max(n, 0)].decode("utf-8", errors="replace")
+        return token_piece(self.vocab, token, special=True).decode("utf-8", errors="replace")
 
     def is_eog(self, token: int) -> bool:
         return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))

@@ -1,0 +1,79 @@
+"""llama.cpp tokenization shared by the API (/tokenize, /detokenize) and the
+workers, so that both turn text into exactly the same tokens."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import llama_cpp
+
+log = logging.getLogger("inferq.llama")
+
+_lock = threading.Lock()
+_ready = False
+
+
+@ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)  # type: ignore[untyped-decorator]
+def _log_callback(level: int, text: bytes | None, _user: ctypes.c_void_p) -> None:
+    # llama.cpp prints to stderr unless a callback takes its logs; keep them
+    # at debug except errors (GGML_LOG_LEVEL_ERROR = 4).
+    if not text:
+        return
+    message = text.decode("utf-8", errors="replace").rstrip()
+    if message:
+        log.log(logging.WARNING if level == 4 else logging.DEBUG, "%s", message)
+
+
+def init_backend() -> None:
+    """Route llama.cpp's logs to `logging` and initialise its backend, once."""
+    global _ready
+    with _lock:
+        if not _ready:
+            llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
+            llama_cpp.llama_backend_init()
+            _ready = True
+
+
+def tokenize(vocab: Any, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
+    data = text.encode("utf-8")
+    capacity = len(data) + 8
+    while True:
+        buf = (llama_cpp.llama_token * capacity)()
+        n = llama_cpp.llama_tokenize(
+            vocab, data, len(data), buf, capacity, add_special, parse_special
+        )
+        if n >= 0:
+            return list(buf[:n])
+        capacity = -n
+
+
+def token_piece(vocab: Any, token: int, *, special: bool) -> bytes:
+    """The bytes of one token (special tokens written out when `special`)."""
+    buf = ctypes.create_string_buffer(64)
+    n = llama_cpp.llama_token_to_piece(vocab, token, buf, len(buf), 0, special)
+    if n < 0:
+        buf = ctypes.create_string_buffer(-n)
+        n = llama_cpp.llama_token_to_piece(vocab, token, buf, len(buf), 0, special)
+    return buf.raw[: max(n, 0)]
+
+
+Tokenizer = Callable[..., list[int]]
+
+
+def tokenize_mixed(
+    tokenize_text: Tokenizer, parts: Sequence[int | str], *, add_special: bool, parse_special: bool
+) -> list[int]:
+    """llama-server's tokenize_mixed: strings are tokenized, ids kept as they
+    are; special tokens (BOS) are added only when the first part is a string."""
+    tokens: list[int] = []
+    for i, part in enumerate(parts):
+        if isinstance(part, str):
+            first = add_special and i == 0
+            tokens.extend(tokenize_text(part, add_special=first, parse_special=parse_special))
+        else:
+            tokens.append(part)
+    return tokens
