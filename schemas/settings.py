@@ -40,6 +40,9 @@ class Settings(BaseSettings):
     # How long the API waits on an interactive request before giving up with a
     # 504; queued jobs older than this are dropped by the worker (Celery expires).
     request_timeout: float = 600.0
+    # A quiet SSE stream gets a comment line this often, so proxies and clients
+    # do not time it out while a job waits or a long prompt is evaluated.
+    sse_ping_interval: float = Field(default=15.0, gt=0)
     # Redis visibility timeout: an unacknowledged job is redelivered after this
     # long, so it must exceed the longest job (bulk jobs included).
     visibility_timeout: int = 6 * 3600

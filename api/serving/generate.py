@@ -26,8 +26,6 @@ SSE_HEADERS = {
     # Reverse proxies (nginx) buffer responses unless told not to.
     "X-Accel-Buffering": "no",
 }
-# A comment line keeps proxies and clients from timing out a quiet stream.
-PING_INTERVAL = 15.0
 
 
 def _token_chunks(
@@ -95,7 +93,7 @@ async def serve(
     stack = contextlib.AsyncExitStack()
     stream = await stack.enter_async_context(runner.run(job))
     try:
-        first = await unless_disconnected(request, stream.first(patience=PING_INTERVAL))
+        first = await unless_disconnected(request, stream.first(patience=stream.ping_interval))
     except BaseException:
         await stack.aclose()
         raise
@@ -138,7 +136,7 @@ async def _relay(
                 yield chunk
         while not isinstance(event, (Done, ErrorEvent)):
             try:
-                event = await stream.next(idle=PING_INTERVAL)
+                event = await stream.next(idle=stream.ping_interval)
             except APIError as exc:
                 event = ErrorEvent(exc.message, error_type=exc.type, code=exc.code)
             if event is None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ class JobStream:
     timeout: float
     finished: bool = False
     deadline: float = field(default=0.0)
+    ping_interval: float = 15.0
 
     async def next(self, *, idle: float | None = None) -> Event | None:
         """The next event; None when `idle` seconds pass without one."""
@@ -96,7 +98,11 @@ class JobRunner:
     async def cancel(self, job: GenerateJob) -> None:
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.set(keys.cancel_key(job.request_id), 1, ex=int(self.settings.request_timeout))
+                pipe.set(
+                    keys.cancel_key(job.request_id),
+                    1,
+                    ex=max(1, math.ceil(self.settings.request_timeout)),
+                )
                 pipe.publish(keys.cancel_channel(job.model), job.request_id)
                 await pipe.execute()
         except Exception:
@@ -112,6 +118,7 @@ class JobRunner:
                 queue,
                 self.settings.request_timeout,
                 deadline=time.monotonic() + self.settings.request_timeout,
+                ping_interval=self.settings.sse_ping_interval,
             )
             try:
                 yield stream

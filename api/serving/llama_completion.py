@@ -20,7 +20,6 @@ from schemas.events import Accepted, Done, ErrorEvent, Event, TokenEvent
 from schemas.jobs import GenerateJob
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-PING_INTERVAL = 15.0
 _TOKEN_HEAD = b'data: {"index":0,"content":'
 _TOKEN_TAIL = b',"stop":false}\n\n'
 
@@ -110,10 +109,10 @@ async def _collect(stream: JobStream) -> tuple[Accepted | None, list[str], Done 
 
 async def _first(stream: JobStream) -> tuple[Accepted | None, Event | None]:
     """The Accepted event (kept for the last chunk) and the first event that
-    decides the answer; None after PING_INTERVAL quiet seconds."""
+    decides the answer; None after the stream's ping interval of quiet."""
     accepted: Accepted | None = None
     while True:
-        event = await stream.next(idle=PING_INTERVAL)
+        event = await stream.next(idle=stream.ping_interval)
         if not isinstance(event, Accepted):
             return accepted, event
         accepted = event
@@ -185,7 +184,7 @@ async def _relay(
             yield _token_chunk(first)
         while not isinstance(event, (Done, ErrorEvent)):
             try:
-                event = await stream.next(idle=PING_INTERVAL)
+                event = await stream.next(idle=stream.ping_interval)
             except APIError as exc:
                 event = ErrorEvent(exc.message, error_type=exc.type, code=exc.code)
             if event is None:
