@@ -13,7 +13,7 @@ from api import errors, openapi
 from api.catalog import Catalog
 from api.hub import StreamHub
 from api.middleware import AssumeJSONBody
-from api.routers import generation, health, llama_props, llama_server, models, vgenerate
+from api.routers import embeddings, generation, health, llama_props, llama_server, models, vgenerate
 from api.vocab import VocabCache
 from schemas.queue import make_celery
 from schemas.registry import load_registry
@@ -54,6 +54,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(models.router)
     app.include_router(generation.router)
+    app.include_router(embeddings.router)
     app.include_router(vgenerate.router)
     app.include_router(llama_server.router)
     app.include_router(llama_props.router)

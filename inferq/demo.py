@@ -58,6 +58,37 @@ template:
 """
 
 
+EMBED_NAME = "all-minilm-l6-v2"
+EMBED_FILE = "all-minilm-l6-v2-f16.gguf"
+EMBED_YAML = f"""\
+# all-MiniLM-L6-v2 (384 dimensions), converted from its safetensors by inferq.
+name: {EMBED_NAME}
+backend: llama-cpp
+parameters:
+  model: {EMBED_FILE}
+embeddings: true
+# An embedding model reranks by cosine similarity.
+reranking: true
+pooling: mean
+embedding_batch: 2048
+"""
+
+
+def install_embedding_model(models_dir: Path) -> Path:
+    """Convert all-MiniLM-L6-v2 (once) and write its config."""
+    from inferq.convert_bert import convert_minilm
+
+    models_dir.mkdir(parents=True, exist_ok=True)
+    path = models_dir / EMBED_FILE
+    if not path.is_file():
+        log.info("converting all-MiniLM-L6-v2 to %s", path)
+        convert_minilm(path, ftype="f16")
+    config = models_dir / f"{EMBED_NAME}.yaml"
+    if not config.exists():
+        config.write_text(EMBED_YAML, encoding="utf-8")
+    return path
+
+
 def install_demo_model(models_dir: Path) -> Path:
     """Write the GGUF (once) and its YAML config into models_dir."""
     models_dir.mkdir(parents=True, exist_ok=True)
@@ -70,4 +101,5 @@ def install_demo_model(models_dir: Path) -> Path:
     config = models_dir / f"{NAME}.yaml"
     if not config.exists():
         config.write_text(_yaml(), encoding="utf-8")
+    install_embedding_model(models_dir)
     return path

@@ -98,7 +98,16 @@ class ErrorEvent:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-Event = TokenEvent | Accepted | Done | ErrorEvent
+@dataclass(frozen=True, slots=True)
+class Embeddings:
+    """The answer to an EmbedJob: one vector (or rerank score) per input."""
+
+    vectors: list[list[float]]
+    prompt_tokens: int
+    type: str = "embeddings"
+
+
+Event = TokenEvent | Accepted | Done | ErrorEvent | Embeddings
 
 
 def encode_token(index: int, text: str) -> bytes:
@@ -110,7 +119,7 @@ def encode_token_logprobs(index: int, text: str, logprobs: list[dict[str, Any]])
     return b"L%d:%s" % (index, body.encode())
 
 
-def encode(event: Accepted | Done | ErrorEvent) -> bytes:
+def encode(event: Accepted | Done | ErrorEvent | Embeddings) -> bytes:
     return json.dumps(asdict(event), separators=(",", ":")).encode()
 
 
@@ -138,4 +147,6 @@ def decode(raw: bytes) -> Event:
         )
     if kind == "error":
         return ErrorEvent(**data)
+    if kind == "embeddings":
+        return Embeddings(**data)
     raise ValueError(f"unknown stream event type {kind!r}")

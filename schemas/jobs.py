@@ -128,3 +128,20 @@ class GenerateJob(BaseModel):
     infill: InfillInput | None = None
     id_slot: int | None = None
     enqueued_at: float = 0.0
+
+
+class EmbedJob(BaseModel):
+    """Embeddings of `inputs`, or rerank scores of `documents` for `query`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    request_id: str
+    model: str
+    kind: Literal["embed", "rerank"] = "embed"
+    # Text or token ids, one item per input.
+    inputs: list[str | list[int]] = Field(default_factory=list)
+    query: str | None = None
+    documents: list[str] = Field(default_factory=list)
+    # Over-long inputs are cut to the model's limit instead of rejected.
+    truncate: bool = False
+    normalize: bool = True

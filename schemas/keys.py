@@ -6,6 +6,7 @@ PREFIX = "inferq"
 
 # Celery task names (the worker registers them, the API sends by name).
 TASK_GENERATE = "inferq.generate"
+TASK_EMBED = "inferq.embed"
 
 # Hash: field "<model>|<worker id>" -> JSON WorkerInfo; refreshed by heartbeats.
 WORKERS = f"{PREFIX}:workers"

@@ -58,6 +58,23 @@ class ModelConfig(BaseModel):
     f16: bool = True
     stopwords: list[str] = Field(default_factory=list)
     template: TemplateConfig = Field(default_factory=TemplateConfig)
+    # What else the model serves: /v1/embeddings (embeddings) and /v1/rerank
+    # (reranking: a cross-encoder with rank pooling scores query-document
+    # pairs; an embedding model reranks by cosine similarity).
+    embeddings: bool = False
+    reranking: bool = False
+    pooling: Literal["mean", "cls", "last", "rank"] | None = None
+    # Inputs packed into one embedding decode, and their token budget.
+    embedding_batch: int = Field(default=2048, ge=16)
+    embedding_seqs: int = Field(default=64, ge=1, le=256)
+    # Matryoshka models can be truncated to fewer `dimensions`.
+    matryoshka: bool = False
+
+    @property
+    def generates(self) -> bool:
+        """A text-generation model (embedding/rerank-only models are not)."""
+        return not (self.pooling == "rank" or (self.embeddings and self.pooling in ("mean", "cls")))
+
     # Where the config came from, for error messages; not part of the YAML.
     source: str = ""
 

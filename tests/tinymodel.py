@@ -20,6 +20,10 @@ The weights are random (``numpy.random.default_rng(seed)``) but structured:
 the output projection is a scaled, permuted copy of the token embeddings, so
 the network behaves roughly like a bigram model walking one long cycle through
 the whole-word tokens, nudged by the random attention/FFN layers.
+
+The tiny BERT models for embeddings and rerank (``write_tiny_bert``,
+``write_tiny_reranker``) live in ``tests.tinybert`` and are re-exported here,
+so every tiny model comes from one module.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ from typing import Final
 import gguf
 import numpy as np
 import numpy.typing as npt
+
+from tests.tinybert import write_tiny_bert, write_tiny_reranker
 
 __all__ = [
     "BOS_TOKEN",
@@ -44,7 +50,9 @@ __all__ = [
     "IM_START_TOKEN_ID",
     "UNK_TOKEN",
     "UNK_TOKEN_ID",
+    "write_tiny_bert",
     "write_tiny_llama",
+    "write_tiny_reranker",
 ]
 
 # --- special tokens --------------------------------------------------------

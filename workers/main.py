@@ -7,14 +7,21 @@ import os
 import socket
 import sys
 import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import redis
 
 from schemas import keys
 from schemas.db import make_engine
 from schemas.queue import make_celery
-from schemas.registry import load_registry
+from schemas.registry import ModelConfig, load_registry
 from schemas.settings import get_settings
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
+
+    from workers.service import WorkerRuntime
 
 log = logging.getLogger("inferq.worker")
 
@@ -35,21 +42,108 @@ def run_worker(model_name: str, *, gpu: int | None = None) -> int:
         return 2
 
     # Imported here so that CUDA_VISIBLE_DEVICES is set first.
-    from workers.engine.llama_engine import LlamaEngine
-    from workers.engine.llama_model import ContextOptions, LlamaModel
     from workers.llama_server import publish_props
     from workers.presence import CancelListener, Heartbeat
-    from workers.service import WorkerRuntime
-    from workers.sink import RedisSink
     from workers.tasks import register
-    from workers.templates import PromptBuilder
 
     client = redis.Redis.from_url(settings.redis_url)
-    # The model is loaded here, in the main process before the consumer starts,
-    # not in worker_process_init (Celery kills that after 4 s).
-    log.info("loading %s from %s", config.name, config.model_path(settings.models_dir))
+    worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    db = make_engine(settings.database_url)
+    path = config.model_path(settings.models_dir)
+    # The models are loaded here, in the main process before the consumer
+    # starts, not in worker_process_init (Celery kills that after 4 s).
+    runtime = _generation_runtime(config, path, client, db, worker_id) if config.generates else None
+    embed_runtime = None
+    if config.embeddings or config.reranking:
+        from workers.embed_service import EmbedRuntime
+        from workers.engine.embedding import EmbeddingEngine
+
+        log.info("loading %s for embeddings from %s", config.name, path)
+        embedder = EmbeddingEngine(
+            path,
+            pooling=config.pooling,
+            n_batch=config.embedding_batch,
+            n_seq=config.embedding_seqs,
+            n_threads=config.threads or os.cpu_count(),
+            gpu_layers=config.gpu_layers,
+        )
+        embed_runtime = EmbedRuntime(config, embedder, client, db, worker_id)
+    app = make_celery(settings, name=f"inferq-worker-{config.name}")
+    register(app, runtime, embed_runtime, model=config.name)
+
+    listener = None
+    if runtime is not None:
+        # What llama-server's GET /props reports, for the API to read.
+        publish_props(client, config, runtime.engine, settings.models_dir)
+
+        def cancel(request_id: str) -> None:
+            request = runtime.running.get(request_id)
+            if request is not None:
+                request.cancel()
+
+        listener = CancelListener(client, model=config.name, on_cancel=cancel)
+        listener.start()
+    heartbeat = Heartbeat(
+        client,
+        model=config.name,
+        worker_id=worker_id,
+        interval=settings.heartbeat_interval,
+        slots=config.parallel,
+    )
+    heartbeat.start()
+    log.info(
+        "worker %s ready: model %s (%s)",
+        worker_id,
+        config.name,
+        ", ".join(
+            part
+            for part, on in (
+                (f"{config.parallel} generation slots", runtime is not None),
+                ("embeddings", config.embeddings),
+                ("rerank", config.reranking),
+            )
+            if on
+        ),
+    )
+    try:
+        worker = app.Worker(
+            hostname=f"{config.name}@{worker_id}",
+            queues=[keys.model_queue(config.name)],
+            pool="threads",
+            # One consumer thread per slot: every slot can hold a job while the
+            # engine batches them all; embedding jobs wait on packed decodes.
+            concurrency=config.parallel if runtime is not None else max(config.parallel, 16),
+            without_mingle=True,
+            without_gossip=True,
+            without_heartbeat=True,
+            loglevel=settings.log_level,
+            quiet=True,
+        )
+        worker.start()
+        return int(getattr(worker, "exitcode", 0) or 0)
+    finally:
+        heartbeat.stop()
+        if listener is not None:
+            listener.stop()
+        if runtime is not None:
+            runtime.engine.close()
+        if embed_runtime is not None:
+            embed_runtime.engine.close()
+        sys.stdout.flush()
+
+
+def _generation_runtime(
+    config: ModelConfig, path: Path, client: redis.Redis, db: Engine, worker_id: str
+) -> WorkerRuntime:
+    from workers.engine.llama_engine import LlamaEngine
+    from workers.engine.llama_model import ContextOptions, LlamaModel
+    from workers.service import WorkerRuntime
+    from workers.sink import RedisSink
+    from workers.templates import PromptBuilder
+
+    log.info("loading %s from %s", config.name, path)
     model = LlamaModel(
-        config.model_path(settings.models_dir),
+        path,
         ContextOptions(
             n_slots=config.parallel,
             n_ctx_per_slot=config.context_size,
@@ -64,62 +158,12 @@ def run_worker(model_name: str, *, gpu: int | None = None) -> int:
         bos_token=model.bos_text,
         eos_token=model.eos_text,
     )
-    engine = LlamaEngine(model, RedisSink(client))
-    runtime = WorkerRuntime(
+    return WorkerRuntime(
         config=config,
-        engine=engine,
+        engine=LlamaEngine(model, RedisSink(client)),
         prompts=prompts,
         redis=client,
-        db=make_engine(settings.database_url),
+        db=db,
         running={},
-        worker_id=f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}",
-    )
-    app = make_celery(settings, name=f"inferq-worker-{config.name}")
-    register(app, runtime)
-    # What llama-server's GET /props reports, for the API to read.
-    publish_props(client, config, engine, settings.models_dir)
-
-    def cancel(request_id: str) -> None:
-        request = runtime.running.get(request_id)
-        if request is not None:
-            request.cancel()
-
-    worker_id = runtime.worker_id
-    heartbeat = Heartbeat(
-        client,
-        model=config.name,
         worker_id=worker_id,
-        interval=settings.heartbeat_interval,
-        slots=config.parallel,
     )
-    listener = CancelListener(client, model=config.name, on_cancel=cancel)
-    listener.start()
-    heartbeat.start()
-    log.info(
-        "worker %s ready: model %s, %d slots of %d tokens",
-        worker_id,
-        config.name,
-        config.parallel,
-        engine.n_ctx_per_slot,
-    )
-    try:
-        worker = app.Worker(
-            hostname=f"{config.name}@{worker_id}",
-            queues=[keys.model_queue(config.name)],
-            pool="threads",
-            # One consumer thread per slot: every slot can hold a job while the
-            # engine batches them all.
-            concurrency=config.parallel,
-            without_mingle=True,
-            without_gossip=True,
-            without_heartbeat=True,
-            loglevel=settings.log_level,
-            quiet=True,
-        )
-        worker.start()
-        return int(getattr(worker, "exitcode", 0) or 0)
-    finally:
-        heartbeat.stop()
-        listener.stop()
-        engine.close()
-        sys.stdout.flush()

@@ -2,15 +2,58 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import redis
 from celery import Celery
 
 from schemas import keys
-from workers.service import WorkerRuntime, run_generate
+from schemas.events import ErrorEvent, encode
+
+if TYPE_CHECKING:
+    from workers.embed_service import EmbedRuntime
+    from workers.service import WorkerRuntime
 
 
-def register(app: Celery, runtime: WorkerRuntime) -> None:
+def _reject(client: redis.Redis, payload: dict[str, Any], message: str) -> None:
+    event = ErrorEvent(
+        message=message,
+        error_type="invalid_request_error",
+        code="unsupported_model",
+        status=400,
+        param="model",
+    )
+    client.publish(keys.stream_channel(str(payload.get("request_id", ""))), encode(event))
+
+
+def register(
+    app: Celery,
+    runtime: WorkerRuntime | None,
+    embed_runtime: EmbedRuntime | None,
+    *,
+    model: str,
+) -> None:
+    client = (
+        runtime.redis if runtime is not None else embed_runtime.redis if embed_runtime else None
+    )
+
     @app.task(name=keys.TASK_GENERATE, acks_late=True, ignore_result=True)  # type: ignore[untyped-decorator]
     def generate(payload: dict[str, Any]) -> None:
+        if runtime is None:
+            assert client is not None
+            _reject(client, payload, f"model '{model}' serves embeddings, not text generation")
+            return
+        from workers.service import run_generate
+
         run_generate(runtime, payload)
+
+    @app.task(name=keys.TASK_EMBED, acks_late=True, ignore_result=True)  # type: ignore[untyped-decorator]
+    def embed(payload: dict[str, Any]) -> None:
+        if embed_runtime is None:
+            assert client is not None
+            kind = "rerank" if payload.get("kind") == "rerank" else "embeddings"
+            _reject(client, payload, f"model '{model}' does not serve {kind}")
+            return
+        from workers.embed_service import run_embed
+
+        run_embed(embed_runtime, payload)

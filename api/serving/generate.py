@@ -121,13 +121,15 @@ async def _relay(
     first: Event | None,
     include_usage: bool,
 ) -> AsyncIterator[bytes]:
+    job = stream.job
+    assert isinstance(job, GenerateJob)
     async with stack:
-        n = stream.job.sampling.n
+        n = job.sampling.n
         if fmt.chat:
             for index in range(n):
                 yield fmt.role(index)
         offsets = [0] * n
-        tools = ToolCallBuffer() if fmt.chat and stream.job.tool_mode != "none" else None
+        tools = ToolCallBuffer() if fmt.chat and job.tool_mode != "none" else None
         event: Any = first
         if first is None:
             yield PING

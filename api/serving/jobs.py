@@ -20,8 +20,8 @@ from starlette.concurrency import run_in_threadpool
 from api.errors import APIError
 from api.hub import StreamHub
 from schemas import keys
-from schemas.events import Accepted, Done, ErrorEvent, Event, TokenEvent, decode
-from schemas.jobs import GenerateJob
+from schemas.events import Accepted, Done, Embeddings, ErrorEvent, Event, TokenEvent, decode
+from schemas.jobs import EmbedJob, GenerateJob
 from schemas.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -32,7 +32,7 @@ T = TypeVar("T")
 class JobStream:
     """The live event stream of one queued job."""
 
-    job: GenerateJob
+    job: GenerateJob | EmbedJob
     queue: asyncio.Queue[bytes]
     timeout: float
     finished: bool = False
@@ -52,7 +52,7 @@ class JobStream:
                 return None
             raise APIError(504, "the request timed out waiting for a worker") from None
         event = decode(raw)
-        if isinstance(event, (Done, ErrorEvent)):
+        if isinstance(event, (Done, ErrorEvent, Embeddings)):
             self.finished = True
         return event
 
@@ -83,10 +83,12 @@ class JobRunner:
     hub: StreamHub
     celery: Celery
 
-    async def _enqueue(self, job: GenerateJob) -> None:
+    async def _enqueue(self, job: GenerateJob | EmbedJob) -> None:
+        task = keys.TASK_EMBED if isinstance(job, EmbedJob) else keys.TASK_GENERATE
+
         def send() -> None:
             self.celery.send_task(
-                keys.TASK_GENERATE,
+                task,
                 args=[job.model_dump(mode="json")],
                 queue=keys.model_queue(job.model),
                 # A job nobody waits for any more is dropped, not run.
@@ -95,7 +97,7 @@ class JobRunner:
 
         await run_in_threadpool(send)
 
-    async def cancel(self, job: GenerateJob) -> None:
+    async def cancel(self, job: GenerateJob | EmbedJob) -> None:
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
                 pipe.set(
@@ -109,9 +111,10 @@ class JobRunner:
             log.exception("could not cancel %s", job.request_id)
 
     @contextlib.asynccontextmanager
-    async def run(self, job: GenerateJob) -> AsyncIterator[JobStream]:
+    async def run(self, job: GenerateJob | EmbedJob) -> AsyncIterator[JobStream]:
         async with self.hub.subscribe(keys.stream_channel(job.request_id)) as queue:
-            job.enqueued_at = time.time()
+            if isinstance(job, GenerateJob):
+                job.enqueued_at = time.time()
             await self._enqueue(job)
             stream = JobStream(
                 job,

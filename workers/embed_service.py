@@ -1,0 +1,117 @@
+"""Runs one embed or rerank job: tokenize, check lengths, hand the inputs to
+the embedding engine (which packs them with other requests'), publish the
+vectors or scores, account. Plain functions; Celery only calls them."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from sqlalchemy import Engine
+
+from schemas import keys
+from schemas.events import Embeddings, ErrorEvent, encode
+from schemas.jobs import EmbedJob
+from schemas.registry import ModelConfig
+from workers.engine.embedding import EmbeddingEngine, EmbedRequest, cosine
+from workers.usage import record_usage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EmbedRuntime:
+    config: ModelConfig
+    engine: EmbeddingEngine
+    redis: redis.Redis
+    db: Engine
+    worker_id: str = ""
+
+
+class InputError(ValueError):
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def _fit(tokens: list[int], limit: int, truncate: bool, param: str) -> list[int]:
+    if not tokens:
+        raise InputError("an input is empty", param)
+    if len(tokens) <= limit:
+        return tokens
+    if not truncate:
+        raise InputError(
+            f"an input has {len(tokens)} tokens; this model takes at most {limit} "
+            "(send truncate: true to cut inputs to that length)",
+            param,
+        )
+    # Keep the closing token ([SEP] / EOS): the model was trained with it.
+    return [*tokens[: limit - 1], tokens[-1]]
+
+
+def build_inputs(runtime: EmbedRuntime, job: EmbedJob) -> tuple[list[list[int]], bool]:
+    """Token lists to decode, and whether they are cross-encoder pairs."""
+    engine, limit = runtime.engine, runtime.engine.max_input_tokens
+    if job.kind == "rerank":
+        query = job.query or ""
+        if engine.rank:
+            pairs = [engine.pair_tokens(query, d) for d in job.documents]
+            return [_fit(p, limit, job.truncate, "documents") for p in pairs], True
+        texts = [query, *job.documents]
+        return [_fit(engine.tokenize(t), limit, job.truncate, "documents") for t in texts], False
+    inputs = []
+    for item in job.inputs:
+        tokens = engine.tokenize(item) if isinstance(item, str) else list(item)
+        if any(not 0 <= t < engine.n_vocab for t in tokens):
+            raise InputError("an input holds a token id outside the vocabulary", "input")
+        inputs.append(_fit(tokens, limit, job.truncate, "input"))
+    return inputs, False
+
+
+def run_embed(runtime: EmbedRuntime, payload: dict[str, Any]) -> None:
+    job = EmbedJob.model_validate(payload)
+    started = time.perf_counter()
+    channel = keys.stream_channel(job.request_id)
+    try:
+        inputs, pairs = build_inputs(runtime, job)
+    except InputError as exc:
+        event = ErrorEvent(
+            message=str(exc),
+            error_type="invalid_request_error",
+            code="invalid_request_error",
+            status=400,
+            param=exc.param,
+        )
+        runtime.redis.publish(channel, encode(event))
+        return
+    request = EmbedRequest(inputs, normalize=job.normalize)
+    runtime.engine.submit(request)
+    request.wait()
+    if request.error:
+        runtime.redis.publish(channel, encode(ErrorEvent(message=request.error)))
+        return
+    vectors = request.vectors
+    if job.kind == "rerank":
+        if pairs:
+            vectors = [[v[0]] for v in vectors]
+        else:
+            # A bi-encoder reranks by cosine similarity to the query (as vLLM does).
+            query = vectors[0]
+            vectors = [[cosine(query, d)] for d in vectors[1:]]
+    prompt_tokens = sum(len(t) for t in inputs)
+    runtime.redis.publish(channel, encode(Embeddings(vectors, prompt_tokens)))
+    record_usage(
+        runtime.db,
+        request_id=job.request_id,
+        model=runtime.config.name,
+        endpoint="rerank" if job.kind == "rerank" else "embeddings",
+        prompt_tokens=prompt_tokens,
+        completion_tokens=0,
+        ttft_ms=None,
+        duration_ms=(time.perf_counter() - started) * 1000,
+        status="completed",
+        worker=runtime.worker_id,
+    )

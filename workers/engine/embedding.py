@@ -1,0 +1,230 @@
+"""Embeddings and rerank scores on llama.cpp, packed across requests.
+
+One engine thread owns an embedding context. It takes the inputs of every
+waiting request, first come first served, and packs as many as fit (at most
+`n_batch` tokens and `n_seq` sequences) into one decode, each input its own
+sequence; llama.cpp pools every sequence on its own, so an input's vector
+does not depend on what it was packed with."""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import logging
+import math
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import llama_cpp
+import numpy as np
+
+from schemas.llama_vocab import init_backend, tokenize
+
+log = logging.getLogger("inferq.embedding")
+
+POOLING = {
+    "none": llama_cpp.LLAMA_POOLING_TYPE_NONE,
+    "mean": llama_cpp.LLAMA_POOLING_TYPE_MEAN,
+    "cls": llama_cpp.LLAMA_POOLING_TYPE_CLS,
+    "last": llama_cpp.LLAMA_POOLING_TYPE_LAST,
+    "rank": llama_cpp.LLAMA_POOLING_TYPE_RANK,
+}
+
+
+@dataclass(eq=False)
+class EmbedRequest:
+    """Token lists in; one vector per input out (L2-normalised when
+    `normalize`; rank pooling gives one score per input instead)."""
+
+    inputs: list[list[int]]
+    normalize: bool = True
+    vectors: list[list[float]] = field(default_factory=list)
+    error: str | None = None
+    finished: threading.Event = field(default_factory=threading.Event)
+    _out: dict[int, list[float]] = field(default_factory=dict)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self.finished.wait(timeout)
+
+
+@dataclass
+class EmbedStats:
+    decodes: int = 0
+    inputs: int = 0
+
+
+class EmbeddingEngine:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        pooling: str | None,
+        n_batch: int = 2048,
+        n_seq: int = 64,
+        n_threads: int | None = None,
+        gpu_layers: int = 0,
+    ) -> None:
+        init_backend()
+        mparams = llama_cpp.llama_model_default_params()
+        mparams.n_gpu_layers = 999 if gpu_layers < 0 else gpu_layers
+        model = llama_cpp.llama_model_load_from_file(str(path).encode(), mparams)
+        if not model:
+            raise RuntimeError(f"llama.cpp could not load {path}")
+        self.model = model
+        self.vocab = llama_cpp.llama_model_get_vocab(model)
+        cparams = llama_cpp.llama_context_default_params()
+        cparams.embeddings = True
+        cparams.pooling_type = (
+            POOLING[pooling] if pooling else llama_cpp.LLAMA_POOLING_TYPE_UNSPECIFIED
+        )
+        # A non-causal model sees a whole sequence in one micro-batch, so the
+        # micro-batch is the batch; the context holds one batch at a time.
+        cparams.n_ctx = n_batch
+        cparams.n_batch = n_batch
+        cparams.n_ubatch = n_batch
+        cparams.n_seq_max = n_seq
+        cparams.kv_unified = True
+        threads = n_threads or 1
+        cparams.n_threads = threads
+        cparams.n_threads_batch = threads
+        cparams.no_perf = True
+        ctx = llama_cpp.llama_init_from_model(model, cparams)
+        if not ctx:
+            llama_cpp.llama_model_free(model)
+            raise RuntimeError(f"llama.cpp could not create an embedding context for {path}")
+        self.ctx = ctx
+        self.memory = llama_cpp.llama_get_memory(ctx)
+        self.pooling = int(llama_cpp.llama_pooling_type(ctx))
+        if self.pooling == llama_cpp.LLAMA_POOLING_TYPE_NONE:
+            raise ValueError(f"{path}: pooling 'none' gives no sequence embeddings")
+        self.rank = self.pooling == llama_cpp.LLAMA_POOLING_TYPE_RANK
+        self.n_out = (
+            int(llama_cpp.llama_model_n_cls_out(model))
+            if self.rank
+            else int(llama_cpp.llama_model_n_embd(model))
+        )
+        self.n_batch = n_batch
+        self.n_seq = n_seq
+        self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self.vocab))
+        self.encoder_only = not bool(llama_cpp.llama_model_has_decoder(model))
+        self.stats = EmbedStats()
+        self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+        self._queue: collections.deque[tuple[EmbedRequest, int]] = collections.deque()
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="embedding-engine", daemon=True)
+        self._thread.start()
+
+    # -- public -------------------------------------------------------------
+
+    @property
+    def max_input_tokens(self) -> int:
+        return self.n_batch
+
+    def tokenize(self, text: str) -> list[int]:
+        return tokenize(self.vocab, text, add_special=True, parse_special=False)
+
+    def pair_tokens(self, query: str, document: str) -> list[int]:
+        """A cross-encoder's input: [CLS] query [SEP] document [SEP]."""
+        first = tokenize(self.vocab, query, add_special=True, parse_special=False)
+        second = tokenize(self.vocab, document, add_special=True, parse_special=False)
+        bos = int(llama_cpp.llama_vocab_bos(self.vocab))
+        if second and second[0] == bos:
+            second = second[1:]  # one [CLS] only, at the start
+        return first + second
+
+    def submit(self, request: EmbedRequest) -> None:
+        for tokens in request.inputs:
+            if not 0 < len(tokens) <= self.n_batch:
+                raise ValueError(f"an input has {len(tokens)} tokens; 1 to {self.n_batch} fit")
+        with self._wake:
+            self._queue.extend((request, i) for i in range(len(request.inputs)))
+            if not request.inputs:
+                request.finished.set()
+            self._wake.notify()
+
+    def close(self) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        self._thread.join(timeout=30)
+        llama_cpp.llama_batch_free(self._batch)
+        llama_cpp.llama_free(self.ctx)
+        llama_cpp.llama_model_free(self.model)
+
+    # -- engine thread --------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not (self._queue or self._stopping):
+                    self._wake.wait()
+                if self._stopping:
+                    break
+                packed = self._take()
+            try:
+                self._decode(packed)
+            except Exception as exc:  # a failed decode fails its requests only
+                log.exception("embedding decode failed")
+                for request, _ in packed:
+                    request.error = f"embedding failed: {exc}"
+                    request.finished.set()
+        for request, _ in self._queue:
+            request.error = "worker shutting down"
+            request.finished.set()
+
+    def _take(self) -> list[tuple[EmbedRequest, int]]:
+        packed: list[tuple[EmbedRequest, int]] = []
+        tokens = 0
+        while self._queue and len(packed) < self.n_seq:
+            request, index = self._queue[0]
+            size = len(request.inputs[index])
+            if packed and tokens + size > self.n_batch:
+                break
+            self._queue.popleft()
+            packed.append((request, index))
+            tokens += size
+        return packed
+
+    def _decode(self, packed: list[tuple[EmbedRequest, int]]) -> None:
+        batch = self._batch
+        n = 0
+        for seq, (request, index) in enumerate(packed):
+            for pos, token in enumerate(request.inputs[index]):
+                batch.token[n] = token
+                batch.pos[n] = pos
+                batch.n_seq_id[n] = 1
+                batch.seq_id[n][0] = seq
+                batch.logits[n] = 1
+                n += 1
+        batch.n_tokens = n
+        if self.memory:
+            llama_cpp.llama_memory_clear(self.memory, True)
+        call = llama_cpp.llama_encode if self.encoder_only else llama_cpp.llama_decode
+        rc = call(self.ctx, batch)
+        if rc != 0:
+            raise RuntimeError(f"llama.cpp returned {rc}")
+        self.stats.decodes += 1
+        self.stats.inputs += len(packed)
+        for seq, (request, index) in enumerate(packed):
+            pointer = llama_cpp.llama_get_embeddings_seq(self.ctx, seq)
+            values = np.ctypeslib.as_array(
+                ctypes.cast(pointer, ctypes.POINTER(ctypes.c_float)), shape=(self.n_out,)
+            ).astype(np.float64)
+            if request.normalize and not self.rank:
+                norm = math.sqrt(float(np.dot(values, values)))
+                if norm > 0:
+                    values = values / norm
+            request._out[index] = values.tolist()
+            if len(request._out) == len(request.inputs):
+                request.vectors = [request._out[i] for i in range(len(request.inputs))]
+                request.finished.set()
+
+
+def cosine(a: list[float], b: list[float]) -> float:
+    va: Any = np.asarray(a)
+    vb: Any = np.asarray(b)
+    denom = float(np.linalg.norm(va) * np.linalg.norm(vb))
+    return float(np.dot(va, vb) / denom) if denom else 0.0
