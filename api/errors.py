@@ -10,6 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from schemas.events import ErrorEvent
 from schemas.openai import error_body
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,13 @@ class APIError(Exception):
             error_body(self.message, type=self.type, code=self.code, param=self.param),
             status_code=self.status,
         )
+
+
+def from_event(event: ErrorEvent) -> APIError:
+    """A worker's error event as the HTTP error to answer with."""
+    return APIError(
+        event.status, event.message, code=event.code, type=event.error_type, param=event.param
+    )
 
 
 def _describe(errors: list[Any]) -> tuple[str, str | None]:

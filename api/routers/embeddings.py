@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, Response
 
 from api.catalog import Catalog
 from api.deps import CatalogDep, RunnerDep
-from api.errors import APIError
+from api.errors import APIError, from_event
 from api.serving.generate import new_request_id
 from api.serving.jobs import ClientGone, JobRunner, unless_disconnected
 from schemas.embeddings import EmbeddingRequest, LlamaEmbeddingRequest, RerankRequest
@@ -50,13 +50,7 @@ async def _run(request: Request, runner: JobRunner, job: EmbedJob) -> Embeddings
     except ClientGone:
         return Response(status_code=499)
     if isinstance(result, ErrorEvent):
-        raise APIError(
-            result.status,
-            result.message,
-            code=result.code,
-            type=result.error_type,
-            param=result.param,
-        )
+        raise from_event(result)
     return result
 
 

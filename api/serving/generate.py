@@ -12,7 +12,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from api.errors import APIError
+from api.errors import APIError, from_event
 from api.serving import bodies
 from api.serving.bodies import Renderer
 from api.serving.chunks import DONE, PING, ChunkFormat, sse
@@ -48,16 +48,6 @@ def new_request_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-def _error(event: ErrorEvent) -> APIError:
-    return APIError(
-        event.status,
-        event.message,
-        code=event.code,
-        type=event.error_type,
-        param=event.param,
-    )
-
-
 def _error_chunk(event: ErrorEvent) -> bytes:
     return sse(
         {
@@ -87,7 +77,7 @@ async def serve(
         except ClientGone:
             return Response(status_code=499)
         if isinstance(result, ErrorEvent):
-            raise _error(result)
+            raise from_event(result)
         return JSONResponse(render(job, created, parts, result))
 
     stack = contextlib.AsyncExitStack()
@@ -99,7 +89,7 @@ async def serve(
         raise
     if isinstance(first, ErrorEvent):
         await stack.aclose()
-        raise _error(first)
+        raise from_event(first)
     fmt = ChunkFormat(
         request_id=job.request_id,
         model=job.model,

@@ -13,7 +13,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from api.errors import APIError
+from api.errors import APIError, from_event
 from api.serving.chunks import PING, sse
 from api.serving.jobs import ClientGone, JobRunner, JobStream, unless_disconnected
 from schemas.events import Accepted, Done, ErrorEvent, Event, TokenEvent
@@ -22,12 +22,6 @@ from schemas.jobs import GenerateJob
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 _TOKEN_HEAD = b'data: {"index":0,"content":'
 _TOKEN_TAIL = b',"stop":false}\n\n'
-
-
-def _error(event: ErrorEvent) -> APIError:
-    return APIError(
-        event.status, event.message, code=event.code, type=event.error_type, param=event.param
-    )
 
 
 def timings(done: Done) -> dict[str, Any]:
@@ -142,7 +136,7 @@ async def serve_completion(
         except ClientGone:
             return Response(status_code=499)
         if isinstance(result, ErrorEvent):
-            raise _error(result)
+            raise from_event(result)
         choice = result.choices[0]
         text = choice.text if choice.text is not None else "".join(parts)
         body = final_body(job, accepted, result, echo, content=text, has_new_line="\n" in text)
@@ -157,7 +151,7 @@ async def serve_completion(
         raise
     if isinstance(first, ErrorEvent):
         await stack.aclose()
-        raise _error(first)
+        raise from_event(first)
     return StreamingResponse(
         _relay(stack, stream, job, accepted, first, echo),
         media_type="text/event-stream",
