@@ -6,12 +6,12 @@ BertModel's last hidden state, mean-pooled over the attention mask, then L2
 normalised.  It runs in a throwaway virtual environment outside the
 repository (torch and transformers are no dependency of inferq):
 
-    python3 -m venv /tmp/refvenv
-    /tmp/refvenv/bin/pip install torch==2.13.0
-    /tmp/refvenv/bin/pip install transformers tokenizers safetensors
-    /tmp/refvenv/bin/pip uninstall -y torchvision torchaudio torchcodec
+    python3 -m venv .refvenv
+    .refvenv/bin/pip install torch==2.13.0
+    .refvenv/bin/pip install transformers tokenizers safetensors
+    .refvenv/bin/pip uninstall -y torchvision torchaudio torchcodec
 
-    .venv/bin/python bench/minilm_reference.py --ref-python /tmp/refvenv/bin/python [--f16]
+    .venv/bin/python bench/minilm_reference.py --ref-python .refvenv/bin/python [--f16]
 
 The script (in inferq's venv) converts the model, then runs itself under
 --ref-python in "reference" mode, which reads the files from the package's
@@ -237,7 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.write(json.dumps(reference(Path(argv[1]))))
         return 0
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--ref-python", type=Path, default=Path("/tmp/refvenv/bin/python"))
+    parser.add_argument("--ref-python", type=Path, default=Path(".refvenv/bin/python"))
     parser.add_argument("--gguf", type=Path, help="use (or write) this GGUF, not a temporary one")
     parser.add_argument("--f16", action="store_true", help="convert with F16 weight matrices")
     parser.add_argument("--min-cosine", type=float, default=0.999)
