@@ -80,13 +80,9 @@ async def serve(
             raise from_event(result)
         return JSONResponse(render(job, created, parts, result))
 
-    stack = contextlib.AsyncExitStack()
-    stream = await stack.enter_async_context(runner.run(job))
-    try:
-        first = await unless_disconnected(request, stream.first(patience=stream.ping_interval))
-    except BaseException:
-        await stack.aclose()
-        raise
+    stack, stream, first = await runner.open(
+        request, job, lambda s: s.first(patience=s.ping_interval)
+    )
     if isinstance(first, ErrorEvent):
         await stack.aclose()
         raise from_event(first)

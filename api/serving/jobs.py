@@ -8,7 +8,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -34,7 +34,6 @@ class JobStream:
 
     job: GenerateJob | EmbedJob
     queue: asyncio.Queue[bytes]
-    timeout: float
     finished: bool = False
     deadline: float = field(default=0.0)
     ping_interval: float = 15.0
@@ -119,7 +118,6 @@ class JobRunner:
             stream = JobStream(
                 job,
                 queue,
-                self.settings.request_timeout,
                 deadline=time.monotonic() + self.settings.request_timeout,
                 ping_interval=self.settings.sse_ping_interval,
             )
@@ -129,6 +127,21 @@ class JobRunner:
                 if not stream.finished:
                     # The client left (or timed out) before the end.
                     self.hub.spawn(self.cancel(job))
+
+    async def open(
+        self, request: Request, job: GenerateJob, decide: Callable[[JobStream], Awaitable[T]]
+    ) -> tuple[contextlib.AsyncExitStack, JobStream, T]:
+        """Queue `job` and wait for what decides the response (`decide`), for a
+        streamed answer: the stream stays open in the returned stack, which the
+        response body closes; it is closed here if the wait fails."""
+        stack = contextlib.AsyncExitStack()
+        stream = await stack.enter_async_context(self.run(job))
+        try:
+            decided = await unless_disconnected(request, decide(stream))
+        except BaseException:
+            await stack.aclose()
+            raise
+        return stack, stream, decided
 
 
 async def wait_disconnect(request: Request) -> None:

@@ -142,13 +142,7 @@ async def serve_completion(
         body = final_body(job, accepted, result, echo, content=text, has_new_line="\n" in text)
         return JSONResponse(body)
 
-    stack = contextlib.AsyncExitStack()
-    stream = await stack.enter_async_context(runner.run(job))
-    try:
-        accepted, first = await unless_disconnected(request, _first(stream))
-    except BaseException:
-        await stack.aclose()
-        raise
+    stack, stream, (accepted, first) = await runner.open(request, job, _first)
     if isinstance(first, ErrorEvent):
         await stack.aclose()
         raise from_event(first)
