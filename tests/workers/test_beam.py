@@ -58,3 +58,23 @@ def test_beam_search_uses_parallel_slots_and_frees_them(engine: Engine) -> None:
     # All four slots are free again: four plain requests run at once.
     follow = run(eng, ["a", "b", "c", "d"], Sampling(temperature=0.0, max_tokens=2))
     assert all(isinstance(r.result, Done) for r in follow)
+
+
+def test_beams_that_leave_no_continuation_are_dropped(engine: Engine) -> None:
+    eng, _ = engine
+    # Most words hold one of these letters: most candidates end as finished
+    # hypotheses, leaving fewer live continuations than beams.
+    stops = ("e", "a", "o")
+    [request] = run(
+        eng,
+        ["hello world"],
+        dataclasses.replace(BEAM, n=4, max_tokens=6, stop=stops),
+        stream=False,
+    )
+    result = request.result
+    assert isinstance(result, Done), result
+    texts = [c.text for c in result.choices if c.text]
+    assert texts and all(not any(s in t for s in stops) for t in texts)
+    # The engine is still healthy afterwards.
+    [after] = run(eng, ["one two"], Sampling(temperature=0.0, max_tokens=3))
+    assert isinstance(after.result, Done)

@@ -79,7 +79,8 @@ def advance(engine: LlamaEngine, group: Group, seqs: list[Sequence]) -> list[Cho
             state.finished.append(Hypothesis(new, cumulative, "stop"))
             continue
         chosen.append((cumulative, parent, token))
-        if len(chosen) == width:
+        # No more continuations than live beams (some may have been dropped).
+        if len(chosen) == len(seqs):
             break
     state.started = True
     step_len = len(state.tokens.get(id(parents[0]), [])) + 1
@@ -129,6 +130,10 @@ def _reassign(
         llama_cpp.llama_memory_seq_cp(engine.model.memory, parent.slot, target.slot, -1, -1)
         engine.copy_slot_tokens(parent.slot, target.slot)
         plan.append((target, cumulative, tokens))
+    # Beams left without a continuation (the others ended as hypotheses)
+    # give their slots back rather than decode nothing.
+    for seq in spare:
+        engine.drop_beam(seq)
     state.cumulative.clear()
     state.tokens.clear()
     for seq, cumulative, tokens in plan:

@@ -304,17 +304,24 @@ class LlamaEngine:
             group.choices[index] = ChoiceResult(index=index, finish_reason="stop", text="")
         self._finish(group.request, group.result(), out)
 
+    def drop_beam(self, seq: Sequence) -> None:
+        """A beam the search no longer continues frees its slot."""
+        self._release(seq, keep_cache=False)
+
     def copy_slot_tokens(self, source: int, target: int) -> None:
         """Beam search copied one slot's KV cache into another."""
         self._slots.copy(source, target)
 
     def _fork(self, primary: Sequence) -> None:
         """Siblings of a request take a copy of its evaluated prompt (the copy
-        happens inside the next decode) and sample from the same logits."""
+        happens inside the next decode) and sample from the same logits.
+        Beams are copied by the beam step itself, into just the slots that
+        need one, so a whole-stream copy is not made here first."""
         for seq in self._active:
             if seq.fork_of is primary:
-                llama_cpp.llama_memory_seq_cp(self.model.memory, primary.slot, seq.slot, -1, -1)
-                self._slots.tokens[seq.slot] = list(self._slots.tokens[primary.slot])
+                if primary.group.beam is None:
+                    llama_cpp.llama_memory_seq_cp(self.model.memory, primary.slot, seq.slot, -1, -1)
+                    self._slots.copy(primary.slot, seq.slot)
                 seq.fork_of = None
                 seq.n_evaluated = primary.n_evaluated
                 seq.logits_index = primary.logits_index
