@@ -130,7 +130,7 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=48)
     # Tokens per packed decode: attention inside one micro-batch spans all of
     # its tokens, so bigger is not always faster for an encoder.
-    parser.add_argument("--embedding-batch", type=int, default=2048)
+    parser.add_argument("--embedding-batch", type=int, default=512)
     args = parser.parse_args()
     from inferq.convert_bert import convert_minilm
 

@@ -70,7 +70,6 @@ embeddings: true
 # An embedding model reranks by cosine similarity.
 reranking: true
 pooling: mean
-embedding_batch: 2048
 """
 
 

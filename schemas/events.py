@@ -8,9 +8,14 @@ Every other event is a JSON object with a `type`.
 
 from __future__ import annotations
 
+import base64
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+import numpy as np
+import numpy.typing as npt
 
 TOKEN_PREFIX = b"T"
 LOGPROB_PREFIX = b"L"
@@ -100,11 +105,27 @@ class ErrorEvent:
 
 @dataclass(frozen=True, slots=True)
 class Embeddings:
-    """The answer to an EmbedJob: one vector (or rerank score) per input."""
+    """The answer to an EmbedJob. Embeddings travel as one base64 string of
+    little-endian float32 rows (`data`, `dim` wide): decoding and re-encoding
+    thousands of JSON floats per request cost more CPU than the rest of the
+    serving path. Rerank scores travel as `vectors` ([[score], ...])."""
 
-    vectors: list[list[float]]
     prompt_tokens: int
+    vectors: list[list[float]] = field(default_factory=list)
+    data: str = ""
+    dim: int = 0
     type: str = "embeddings"
+
+    @classmethod
+    def from_matrix(cls, rows: Sequence[npt.NDArray[Any]], prompt_tokens: int) -> Embeddings:
+        matrix = np.asarray(rows, dtype="<f4")
+        dim = int(matrix.shape[1]) if matrix.ndim == 2 else 0
+        return cls(prompt_tokens, data=base64.b64encode(matrix.tobytes()).decode(), dim=dim)
+
+    def matrix(self) -> npt.NDArray[np.float32]:
+        """The embeddings, one row per input."""
+        flat = np.frombuffer(base64.b64decode(self.data), dtype="<f4")
+        return flat.reshape(-1, self.dim) if self.dim else flat.reshape(0, 0)
 
 
 Event = TokenEvent | Accepted | Done | ErrorEvent | Embeddings

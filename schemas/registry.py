@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +64,23 @@ class ModelConfig(BaseModel):
     embeddings: bool = False
     reranking: bool = False
     pooling: Literal["mean", "cls", "last", "rank"] | None = None
-    # Inputs packed into one embedding decode, and their token budget.
-    embedding_batch: int = Field(default=2048, ge=16)
+    # The token budget of one packed embedding decode (a longer input still
+    # goes alone), the inputs it may hold, and the longest input accepted
+    # (never more than the model's trained context).
+    embedding_batch: int = Field(default=512, ge=16)
     embedding_seqs: int = Field(default=64, ge=1, le=256)
+    embedding_max_tokens: int = Field(default=2048, ge=16)
     # Matryoshka models can be truncated to fewer `dimensions`.
     matryoshka: bool = False
+
+    @field_validator("embedding_seqs")
+    @classmethod
+    def _power_of_two(cls, value: int) -> int:
+        # llama.cpp 0c1e570's pooled encode aborts the process (a failed
+        # ggml_can_mul_mat assertion) when n_seq_max is not a power of two.
+        if value & (value - 1):
+            raise ValueError("must be a power of two (1, 2, 4, ... 256)")
+        return value
 
     @property
     def generates(self) -> bool:

@@ -94,15 +94,18 @@ def run_embed(runtime: EmbedRuntime, payload: dict[str, Any]) -> None:
         runtime.redis.publish(channel, encode(ErrorEvent(message=request.error)))
         return
     vectors = request.vectors
+    prompt_tokens = sum(len(t) for t in inputs)
     if job.kind == "rerank":
         if pairs:
-            vectors = [[v[0]] for v in vectors]
+            scores = [[float(v[0])] for v in vectors]
         else:
             # A bi-encoder reranks by cosine similarity to the query (as vLLM does).
             query = vectors[0]
-            vectors = [[cosine(query, d)] for d in vectors[1:]]
-    prompt_tokens = sum(len(t) for t in inputs)
-    runtime.redis.publish(channel, encode(Embeddings(vectors, prompt_tokens)))
+            scores = [[cosine(query, d)] for d in vectors[1:]]
+        answer = Embeddings(prompt_tokens, vectors=scores)
+    else:
+        answer = Embeddings.from_matrix(vectors, prompt_tokens)
+    runtime.redis.publish(channel, encode(answer))
     record_usage(
         runtime.db,
         request_id=job.request_id,

@@ -64,6 +64,7 @@ def run_worker(model_name: str, *, gpu: int | None = None) -> int:
             pooling=config.pooling,
             n_batch=config.embedding_batch,
             n_seq=config.embedding_seqs,
+            max_input=config.embedding_max_tokens,
             n_threads=config.threads or os.cpu_count(),
             gpu_layers=config.gpu_layers,
         )

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import base64
-import math
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
+import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
@@ -54,22 +55,35 @@ async def _run(request: Request, runner: JobRunner, job: EmbedJob) -> Embeddings
     return result
 
 
-def _shorten(vector: list[float], dimensions: int | None) -> list[float]:
-    if dimensions is None or dimensions == len(vector):
-        return vector
-    if dimensions > len(vector):
+class VectorResponse(Response):
+    """JSON with numpy rows serialized by orjson: an order of magnitude less
+    CPU than `json` for thousands of floats per response."""
+
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def _shorten(matrix: npt.NDArray[np.float32], dimensions: int | None) -> npt.NDArray[np.float32]:
+    width = matrix.shape[1] if matrix.ndim == 2 else 0
+    if dimensions is None or dimensions == width:
+        return matrix
+    if dimensions > width:
         raise APIError(
-            400, f"dimensions is {dimensions}; this model gives {len(vector)}", param="dimensions"
+            400, f"dimensions is {dimensions}; this model gives {width}", param="dimensions"
         )
-    head = vector[:dimensions]
-    norm = math.sqrt(sum(v * v for v in head)) or 1.0
-    return [v / norm for v in head]
+    head = matrix[:, :dimensions].astype(np.float64)
+    norms = np.linalg.norm(head, axis=1, keepdims=True)
+    norms[norms == 0] = 1.0
+    shortened: npt.NDArray[np.float32] = (head / norms).astype(np.float32)
+    return shortened
 
 
-def _encode(vector: list[float], fmt: str) -> list[float] | str:
+def _encode(vector: npt.NDArray[np.float32], fmt: str) -> npt.NDArray[np.float32] | str:
     if fmt == "base64":
         # What the openai client decodes: little-endian float32.
-        return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode()
+        return base64.b64encode(vector.astype("<f4").tobytes()).decode()
     return vector
 
 
@@ -91,16 +105,13 @@ async def embeddings(
     result = await _run(request, runner, job)
     if isinstance(result, Response):
         return result
+    matrix = _shorten(result.matrix(), body.dimensions)
     data = [
-        {
-            "object": "embedding",
-            "index": i,
-            "embedding": _encode(_shorten(v, body.dimensions), body.encoding_format),
-        }
-        for i, v in enumerate(result.vectors)
+        {"object": "embedding", "index": i, "embedding": _encode(row, body.encoding_format)}
+        for i, row in enumerate(matrix)
     ]
     usage = {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens}
-    return JSONResponse({"object": "list", "data": data, "model": model, "usage": usage})
+    return VectorResponse({"object": "list", "data": data, "model": model, "usage": usage})
 
 
 @router.post("/embedding", response_model=None)
@@ -116,7 +127,7 @@ async def llama_embedding(
     result = await _run(request, runner, job)
     if isinstance(result, Response):
         return result
-    return JSONResponse([{"index": i, "embedding": [v]} for i, v in enumerate(result.vectors)])
+    return VectorResponse([{"index": i, "embedding": [v]} for i, v in enumerate(result.matrix())])
 
 
 @router.post("/v1/rerank", response_model=None)

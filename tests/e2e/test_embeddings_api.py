@@ -30,7 +30,7 @@ def url(tmp_path_factory: pytest.TempPathFactory, tiny_gguf: Path) -> Iterator[s
     (models / "chat.gguf").write_bytes(tiny_gguf.read_bytes())
     (models / "embed.yaml").write_text(
         "name: embed\nparameters:\n  model: embed.gguf\nembeddings: true\nreranking: true\n"
-        "pooling: mean\nembedding_batch: 256\nthreads: 1\n"
+        "pooling: mean\nembedding_batch: 256\nembedding_max_tokens: 256\nthreads: 1\n"
     )
     (models / "rerank.yaml").write_text(
         "name: rerank\nparameters:\n  model: rerank.gguf\nreranking: true\npooling: rank\n"

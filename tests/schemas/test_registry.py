@@ -91,3 +91,13 @@ def test_duplicate_names_are_reported(tmp_path: Path) -> None:
     registry = load_registry(tmp_path)
     assert list(registry.models) == ["same"]
     assert any("already defined" in e for e in registry.errors)
+
+
+def test_embedding_seqs_must_be_a_power_of_two(tmp_path: Path) -> None:
+    (tmp_path / "e.gguf").write_bytes(b"GGUF")
+    base = "parameters:\n  model: e.gguf\nembeddings: true\npooling: mean\n"
+    _write(tmp_path / "twelve.yaml", f"name: twelve\n{base}embedding_seqs: 12\n")
+    _write(tmp_path / "sixteen.yaml", f"name: sixteen\n{base}embedding_seqs: 16\n")
+    registry = load_registry(tmp_path)
+    assert set(registry.models) == {"sixteen"}
+    assert any("twelve.yaml" in e and "power of two" in e for e in registry.errors)

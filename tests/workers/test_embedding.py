@@ -66,6 +66,25 @@ def test_over_long_input_is_rejected_or_truncated(embedder: EmbeddingEngine) -> 
         embedder.submit(EmbedRequest([tokens]))
 
 
+def test_inputs_never_outrun_the_trained_context(tmp_path: Path) -> None:
+    # A packing budget above BERT's 512 positions must not let a 600-token
+    # input through: llama.cpp would abort the whole worker on it.
+    engine = EmbeddingEngine(
+        write_tiny_bert(tmp_path / "bert.gguf"), pooling="mean", n_batch=1024, n_threads=1
+    )
+    try:
+        assert engine.max_input_tokens == 512
+        long = engine.tokenize(" ".join(["hello"] * 600))
+        with pytest.raises(ValueError, match="1 to 512"):
+            engine.submit(EmbedRequest([long]))
+        # Inputs together above the budget are split over decodes, not refused.
+        request = EmbedRequest([long[:500], long[:500], long[:500]])
+        engine.submit(request)
+        assert request.wait(30) and request.error is None and len(request.vectors) == 3
+    finally:
+        engine.close()
+
+
 def test_reranker_scores_each_pair(tmp_path: Path) -> None:
     engine = EmbeddingEngine(
         write_tiny_reranker(tmp_path / "rerank.gguf"),
