@@ -7,6 +7,7 @@ from typing import Annotated
 import redis.asyncio as aioredis
 from celery import Celery
 from fastapi import Depends, Request
+from sqlalchemy import Engine
 
 from api.catalog import Catalog
 from api.hub import StreamHub
@@ -39,11 +40,18 @@ def _celery(request: Request) -> Celery:
     return app
 
 
+def _db(request: Request) -> Engine:
+    engine: Engine = request.app.state.db
+    return engine
+
+
 SettingsDep = Annotated[Settings, Depends(_settings)]
 RedisDep = Annotated[aioredis.Redis, Depends(_redis)]
 HubDep = Annotated[StreamHub, Depends(_hub)]
 CatalogDep = Annotated[Catalog, Depends(_catalog)]
 CeleryDep = Annotated[Celery, Depends(_celery)]
+# A synchronous SQLAlchemy engine: call it through run_in_threadpool.
+DbDep = Annotated[Engine, Depends(_db)]
 
 
 def _runner(settings: SettingsDep, redis: RedisDep, hub: HubDep, celery: CeleryDep) -> JobRunner:

@@ -21,6 +21,7 @@ _STATUS_TYPES = {
     403: ("permission_error", "permission_denied"),
     404: ("invalid_request_error", "not_found"),
     405: ("invalid_request_error", "method_not_allowed"),
+    409: ("invalid_request_error", "conflict"),
     413: ("invalid_request_error", "request_too_large"),
     415: ("invalid_request_error", "unsupported_media_type"),
     422: ("invalid_request_error", "invalid_request_error"),
@@ -62,7 +63,7 @@ def from_event(event: ErrorEvent) -> APIError:
     )
 
 
-def _describe(errors: list[Any]) -> tuple[str, str | None]:
+def describe_validation(errors: list[Any]) -> tuple[str, str | None]:
     parts = []
     param = None
     for err in errors:
@@ -85,7 +86,7 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         # OpenAI answers bad parameters with 400, not FastAPI's 422.
-        message, param = _describe(list(exc.errors()))
+        message, param = describe_validation(list(exc.errors()))
         return APIError(400, message, param=param).response()
 
     @app.exception_handler(StarletteHTTPException)

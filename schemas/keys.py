@@ -7,6 +7,8 @@ PREFIX = "inferq"
 # Celery task names (the worker registers them, the API sends by name).
 TASK_GENERATE = "inferq.generate"
 TASK_EMBED = "inferq.embed"
+# A chunk of bulk lines (its id); the lines themselves live in the database.
+TASK_BULK = "inferq.bulk"
 
 # Hash: field "<model>|<worker id>" -> JSON WorkerInfo; refreshed by heartbeats.
 WORKERS = f"{PREFIX}:workers"
@@ -15,6 +17,19 @@ WORKERS = f"{PREFIX}:workers"
 def model_queue(model: str) -> str:
     """Celery queue of interactive jobs for one model."""
     return f"{PREFIX}.model.{model}"
+
+
+def bulk_queue(model: str) -> str:
+    """Celery queue of bulk-line chunks for one model: a worker runs them only
+    in slots no interactive request is waiting for."""
+    return f"{PREFIX}.bulk.{model}"
+
+
+# Leader lock of the batch scheduler (one per deployment); value: holder id.
+BATCH_SCHEDULER_LOCK = f"{PREFIX}:batch-scheduler"
+# Announced on a model's cancel channel when a batch is cancelled or expires:
+# workers drop that batch's lines that have not started.
+BATCH_CANCEL_PREFIX = "batch:"
 
 
 def stream_channel(request_id: str) -> str:

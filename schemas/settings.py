@@ -51,6 +51,24 @@ class Settings(BaseSettings):
     # POST /props (llama-server's --props): off, it answers 403; on, it sets
     # the defaults of /completion and /infill (shared through Redis).
     props_writable: bool = False
+    # Files API: the largest upload accepted (OpenAI's limit for batch input).
+    max_file_bytes: int = Field(default=200 * 1024 * 1024, gt=0)
+    # Bulk jobs. The batch scheduler (validation, feeding, lease recovery,
+    # finalization) runs in the API process unless switched off; replicas
+    # elect one leader through Redis.
+    batch_scheduler: bool = True
+    # How often the scheduler looks at running batches (seconds).
+    batch_tick: float = Field(default=1.0, gt=0)
+    # Lines per bulk-queue message, and how many lines per worker slot may be
+    # queued or running at once (the rest wait in the database).
+    batch_chunk_lines: int = Field(default=16, gt=0)
+    batch_inflight_per_slot: int = Field(default=4, gt=0)
+    # A queued or running line whose lease ran out (its worker or its queue
+    # message was lost) goes back to pending; workers renew the leases of the
+    # lines they hold every third of this.
+    batch_lease: float = Field(default=60.0, gt=0)
+    # A line lost this many times fails instead of running again.
+    batch_max_attempts: int = Field(default=3, gt=0)
 
     @field_validator("database_url")
     @classmethod

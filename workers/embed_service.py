@@ -71,6 +71,23 @@ def build_inputs(runtime: EmbedRuntime, job: EmbedJob) -> tuple[list[list[int]],
     return inputs, False
 
 
+def make_answer(
+    job: EmbedJob, request: EmbedRequest, inputs: list[list[int]], pairs: bool
+) -> Embeddings:
+    """The Embeddings event of a finished request: vectors, or rerank scores."""
+    vectors = request.vectors
+    prompt_tokens = sum(len(t) for t in inputs)
+    if job.kind != "rerank":
+        return Embeddings.from_matrix(vectors, prompt_tokens)
+    if pairs:
+        scores = [[float(v[0])] for v in vectors]
+    else:
+        # A bi-encoder reranks by cosine similarity to the query (as vLLM does).
+        query = vectors[0]
+        scores = [[cosine(query, d)] for d in vectors[1:]]
+    return Embeddings(prompt_tokens, vectors=scores)
+
+
 def run_embed(runtime: EmbedRuntime, payload: dict[str, Any]) -> None:
     job = EmbedJob.model_validate(payload)
     started = time.perf_counter()
@@ -93,19 +110,9 @@ def run_embed(runtime: EmbedRuntime, payload: dict[str, Any]) -> None:
     if request.error:
         runtime.redis.publish(channel, encode(ErrorEvent(message=request.error)))
         return
-    vectors = request.vectors
-    prompt_tokens = sum(len(t) for t in inputs)
-    if job.kind == "rerank":
-        if pairs:
-            scores = [[float(v[0])] for v in vectors]
-        else:
-            # A bi-encoder reranks by cosine similarity to the query (as vLLM does).
-            query = vectors[0]
-            scores = [[cosine(query, d)] for d in vectors[1:]]
-        answer = Embeddings(prompt_tokens, vectors=scores)
-    else:
-        answer = Embeddings.from_matrix(vectors, prompt_tokens)
+    answer = make_answer(job, request, inputs, pairs)
     runtime.redis.publish(channel, encode(answer))
+    prompt_tokens = answer.prompt_tokens
     record_usage(
         runtime.db,
         request_id=job.request_id,

@@ -69,21 +69,33 @@ def run_worker(model_name: str, *, gpu: int | None = None) -> int:
             gpu_layers=config.gpu_layers,
         )
         embed_runtime = EmbedRuntime(config, embedder, client, db, worker_id)
-    app = make_celery(settings, name=f"inferq-worker-{config.name}")
-    register(app, runtime, embed_runtime, model=config.name)
+    from workers.bulk import BulkRunner
 
-    listener = None
+    bulk = BulkRunner(
+        db=db,
+        worker_id=worker_id,
+        model=config.name,
+        lease=settings.batch_lease,
+        runtime=runtime,
+        embed_runtime=embed_runtime,
+    )
+    app = make_celery(settings, name=f"inferq-worker-{config.name}")
+    register(app, runtime, embed_runtime, bulk, model=config.name)
+
     if runtime is not None:
         # What llama-server's GET /props reports, for the API to read.
         publish_props(client, config, runtime.engine, settings.models_dir)
 
-        def cancel(request_id: str) -> None:
-            request = runtime.running.get(request_id)
-            if request is not None:
-                request.cancel()
+    def cancel(request_id: str) -> None:
+        if request_id.startswith(keys.BATCH_CANCEL_PREFIX):
+            bulk.cancel_batch(request_id.removeprefix(keys.BATCH_CANCEL_PREFIX))
+            return
+        request = runtime.running.get(request_id) if runtime is not None else None
+        if request is not None:
+            request.cancel()
 
-        listener = CancelListener(client, model=config.name, on_cancel=cancel)
-        listener.start()
+    listener = CancelListener(client, model=config.name, on_cancel=cancel)
+    listener.start()
     heartbeat = Heartbeat(
         client,
         model=config.name,
@@ -109,7 +121,9 @@ def run_worker(model_name: str, *, gpu: int | None = None) -> int:
     try:
         worker = app.Worker(
             hostname=f"{config.name}@{worker_id}",
-            queues=[keys.model_queue(config.name)],
+            # Bulk chunks come from their own queue; the engine, not the
+            # consumer, keeps them behind interactive requests.
+            queues=[keys.model_queue(config.name), keys.bulk_queue(config.name)],
             pool="threads",
             # One consumer thread per slot: every slot can hold a job while the
             # engine batches them all; embedding jobs wait on packed decodes.
@@ -124,12 +138,13 @@ def run_worker(model_name: str, *, gpu: int | None = None) -> int:
         return int(getattr(worker, "exitcode", 0) or 0)
     finally:
         heartbeat.stop()
-        if listener is not None:
-            listener.stop()
+        listener.stop()
         if runtime is not None:
             runtime.engine.close()
         if embed_runtime is not None:
             embed_runtime.engine.close()
+        # After the engines: lines they gave back go to pending before exit.
+        bulk.close()
         sys.stdout.flush()
 
 

@@ -15,7 +15,7 @@ from schemas.events import Accepted, Done, ErrorEvent, encode
 from schemas.jobs import CHAT_ENDPOINTS, LLAMA_ENDPOINTS, GenerateJob
 from schemas.registry import ModelConfig
 from workers.engine.llama_engine import LlamaEngine
-from workers.engine.types import ContextLengthExceeded, EngineRequest, TooManyChoices
+from workers.engine.types import ContextLengthExceeded, EngineRequest, Sampling, TooManyChoices
 from workers.llama_server import LlamaPromptError, accepted, llama_tokens
 from workers.sampling_options import SamplingError, resolve_sampling
 from workers.templates import PromptBuilder, PromptError
@@ -59,6 +59,44 @@ def build_prompt(runtime: WorkerRuntime, job: GenerateJob) -> list[int]:
     return engine.model.tokenize(text, add_special=add_special, parse_special=True)
 
 
+class Rejected(Exception):
+    """A job that cannot run as asked: the 400 to answer with."""
+
+    def __init__(self, event: ErrorEvent) -> None:
+        super().__init__(event.message)
+        self.event = event
+
+
+def prepare(runtime: WorkerRuntime, job: GenerateJob) -> tuple[list[int], Sampling]:
+    """The prompt tokens and sampling settings of a job; Rejected when the
+    request is invalid for this model (template, context length, n, sampling)."""
+    try:
+        sampling = resolve_sampling(job, runtime.config, runtime.engine.model)
+        tokens = build_prompt(runtime, job)
+        runtime.engine.check_fits(len(tokens), sampling.max_tokens, sampling.n)
+    except (PromptError, ContextLengthExceeded, TooManyChoices, SamplingError) as exc:
+        code, param = "invalid_request_error", None
+        if isinstance(exc, ContextLengthExceeded):
+            code = "context_length_exceeded"
+        elif isinstance(exc, TooManyChoices):
+            param = "n"
+        elif isinstance(exc, SamplingError):
+            param = exc.param
+        if isinstance(exc, (PromptError, ContextLengthExceeded)):
+            param = "messages" if job.endpoint in CHAT_ENDPOINTS else "prompt"
+        if isinstance(exc, LlamaPromptError):
+            code, param = exc.code, exc.param
+        event = ErrorEvent(
+            message=str(exc),
+            error_type="invalid_request_error",
+            code=code,
+            status=400,
+            param=param,
+        )
+        raise Rejected(event) from exc
+    return tokens, sampling
+
+
 def run_generate(runtime: WorkerRuntime, payload: dict[str, object]) -> None:
     job = GenerateJob.model_validate(payload)
     try:
@@ -92,32 +130,9 @@ def _run_generate(runtime: WorkerRuntime, job: GenerateJob) -> None:
         account("cancelled", 0, 0, None)
         return
     try:
-        sampling = resolve_sampling(job, runtime.config, runtime.engine.model)
-        tokens = build_prompt(runtime, job)
-        runtime.engine.check_fits(len(tokens), sampling.max_tokens, sampling.n)
-    except (PromptError, ContextLengthExceeded, TooManyChoices, SamplingError) as exc:
-        code, param = "invalid_request_error", None
-        if isinstance(exc, ContextLengthExceeded):
-            code = "context_length_exceeded"
-        elif isinstance(exc, TooManyChoices):
-            param = "n"
-        elif isinstance(exc, SamplingError):
-            param = exc.param
-        if isinstance(exc, (PromptError, ContextLengthExceeded)):
-            param = "messages" if job.endpoint in CHAT_ENDPOINTS else "prompt"
-        if isinstance(exc, LlamaPromptError):
-            code, param = exc.code, exc.param
-        _publish(
-            runtime,
-            job.request_id,
-            ErrorEvent(
-                message=str(exc),
-                error_type="invalid_request_error",
-                code=code,
-                status=400,
-                param=param,
-            ),
-        )
+        tokens, sampling = prepare(runtime, job)
+    except Rejected as exc:
+        _publish(runtime, job.request_id, exc.event)
         account("rejected", 0, 0, None)
         return
     request = EngineRequest(

@@ -11,6 +11,7 @@ from schemas import keys
 from schemas.events import ErrorEvent, encode
 
 if TYPE_CHECKING:
+    from workers.bulk import BulkRunner
     from workers.embed_service import EmbedRuntime
     from workers.service import WorkerRuntime
 
@@ -30,6 +31,7 @@ def register(
     app: Celery,
     runtime: WorkerRuntime | None,
     embed_runtime: EmbedRuntime | None,
+    bulk: BulkRunner,
     *,
     model: str,
 ) -> None:
@@ -57,3 +59,9 @@ def register(
         from workers.embed_service import run_embed
 
         run_embed(embed_runtime, payload)
+
+    @app.task(name=keys.TASK_BULK, acks_late=True, ignore_result=True)  # type: ignore[untyped-decorator]
+    def bulk_chunk(chunk: str) -> None:
+        # Returns once the lines are in the engine: a chunk never holds a
+        # consumer thread, and the database, not this message, tracks them.
+        bulk.run_chunk(chunk)

@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import base64
-from typing import Any
-
-import numpy as np
-import numpy.typing as npt
-import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from api.catalog import Catalog
 from api.deps import CatalogDep, RunnerDep
 from api.errors import APIError, from_event
-from api.serving.generate import new_request_id
+from api.serving.embedding_bodies import VectorResponse, embedding_body, rerank_body
 from api.serving.jobs import ClientGone, JobRunner, unless_disconnected
+from api.serving.requests import embedding_job, new_request_id, rerank_job
 from schemas.embeddings import EmbeddingRequest, LlamaEmbeddingRequest, RerankRequest
 from schemas.events import Embeddings, ErrorEvent
 from schemas.jobs import EmbedJob
@@ -55,63 +50,16 @@ async def _run(request: Request, runner: JobRunner, job: EmbedJob) -> Embeddings
     return result
 
 
-class VectorResponse(Response):
-    """JSON with numpy rows serialized by orjson: an order of magnitude less
-    CPU than `json` for thousands of floats per response."""
-
-    media_type = "application/json"
-
-    def render(self, content: Any) -> bytes:
-        return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
-
-
-def _shorten(matrix: npt.NDArray[np.float32], dimensions: int | None) -> npt.NDArray[np.float32]:
-    width = matrix.shape[1] if matrix.ndim == 2 else 0
-    if dimensions is None or dimensions == width:
-        return matrix
-    if dimensions > width:
-        raise APIError(
-            400, f"dimensions is {dimensions}; this model gives {width}", param="dimensions"
-        )
-    head = matrix[:, :dimensions].astype(np.float64)
-    norms = np.linalg.norm(head, axis=1, keepdims=True)
-    norms[norms == 0] = 1.0
-    shortened: npt.NDArray[np.float32] = (head / norms).astype(np.float32)
-    return shortened
-
-
-def _encode(vector: npt.NDArray[np.float32], fmt: str) -> npt.NDArray[np.float32] | str:
-    if fmt == "base64":
-        # What the openai client decodes: little-endian float32.
-        return base64.b64encode(vector.astype("<f4").tobytes()).decode()
-    return vector
-
-
 @router.post("/v1/embeddings", response_model=None)
 async def embeddings(
     body: EmbeddingRequest, request: Request, catalog: CatalogDep, runner: RunnerDep
 ) -> Response:
     model = await _model(catalog, body.model, request, "embeddings")
-    config = catalog.registry.models.get(model)
-    if body.dimensions is not None and config is not None and not config.matryoshka:
-        raise APIError(
-            400,
-            f"model '{model}' cannot shorten its embeddings (not a Matryoshka model)",
-            param="dimensions",
-        )
-    job = EmbedJob(
-        request_id=new_request_id("embd"), model=model, inputs=body.items(), truncate=body.truncate
-    )
+    job = embedding_job(body, model, catalog.registry.models.get(model))
     result = await _run(request, runner, job)
     if isinstance(result, Response):
         return result
-    matrix = _shorten(result.matrix(), body.dimensions)
-    data = [
-        {"object": "embedding", "index": i, "embedding": _encode(row, body.encoding_format)}
-        for i, row in enumerate(matrix)
-    ]
-    usage = {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens}
-    return VectorResponse({"object": "list", "data": data, "model": model, "usage": usage})
+    return VectorResponse(embedding_body(model, result, body.encoding_format, body.dimensions))
 
 
 @router.post("/embedding", response_model=None)
@@ -139,25 +87,7 @@ async def rerank(
 ) -> Response:
     """The Jina/Cohere shape, sorted by relevance."""
     model = await _model(catalog, body.model, request, "rerank")
-    texts = body.texts()
-    job = EmbedJob(
-        request_id=new_request_id("rerank"),
-        model=model,
-        kind="rerank",
-        query=body.query,
-        documents=texts,
-        truncate=body.truncate,
-    )
-    result = await _run(request, runner, job)
+    result = await _run(request, runner, rerank_job(body, model))
     if isinstance(result, Response):
         return result
-    ranked: list[dict[str, Any]] = []
-    for index, score in sorted(enumerate(result.vectors), key=lambda p: p[1][0], reverse=True):
-        item: dict[str, Any] = {"index": index, "relevance_score": score[0]}
-        if body.return_documents:
-            item["document"] = {"text": texts[index]}
-        ranked.append(item)
-    if body.top_n is not None:
-        ranked = ranked[: body.top_n]
-    usage = {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens}
-    return JSONResponse({"model": model, "object": "list", "results": ranked, "usage": usage})
+    return JSONResponse(rerank_body(model, result, body.texts(), body.top_n, body.return_documents))

@@ -7,7 +7,8 @@ from fastapi.responses import Response
 
 from api.deps import CatalogDep, RunnerDep
 from api.serving import bodies
-from api.serving.generate import new_request_id, serve
+from api.serving.generate import serve
+from api.serving.requests import chat_job, completion_job, new_request_id
 from schemas.jobs import GenerateJob, Message
 from schemas.openai import ChatCompletionRequest, CompletionRequest, EditRequest
 
@@ -22,19 +23,7 @@ async def _model(catalog: CatalogDep, name: str | None, request: Request) -> str
 async def chat_completions(
     body: ChatCompletionRequest, request: Request, catalog: CatalogDep, runner: RunnerDep
 ) -> Response:
-    model = await _model(catalog, body.model, request)
-    tools, tool_mode, tool_names = body.tool_settings()
-    job = GenerateJob(
-        request_id=new_request_id("chatcmpl"),
-        model=model,
-        endpoint="chat.completions",
-        messages=[m.flatten() for m in body.messages],
-        sampling=body.sampling(),
-        stream=body.stream,
-        tools=tools,
-        tool_mode=tool_mode,
-        tool_names=tool_names,
-    )
+    job = chat_job(body, await _model(catalog, body.model, request))
     return await serve(request, runner, job, include_usage=body.include_usage)
 
 
@@ -42,15 +31,7 @@ async def chat_completions(
 async def completions(
     body: CompletionRequest, request: Request, catalog: CatalogDep, runner: RunnerDep
 ) -> Response:
-    model = await _model(catalog, body.model, request)
-    job = GenerateJob(
-        request_id=new_request_id("cmpl"),
-        model=model,
-        endpoint="completions",
-        prompt=body.prompt_text(),
-        sampling=body.sampling(),
-        stream=body.stream,
-    )
+    job = completion_job(body, await _model(catalog, body.model, request))
     return await serve(request, runner, job, include_usage=body.include_usage)
 
 

@@ -12,7 +12,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from api.deps import CatalogDep, RunnerDep
 from api.serving import bodies
 from api.serving.chunks import DONE, ChunkFormat
-from api.serving.generate import SSE_HEADERS, new_request_id, serve
+from api.serving.generate import SSE_HEADERS, serve
+from api.serving.requests import new_request_id
 from schemas.jobs import BeamOptions, GenerateJob
 from schemas.openai import GenerateRequest
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -42,10 +41,6 @@ def _token_chunks(
     chunk = fmt.token_logprobs(event, offsets[event.index])
     offsets[event.index] += sum(len(e["token"]) for e in event.logprobs)
     return [chunk]
-
-
-def new_request_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
 
 
 def _error_chunk(event: ErrorEvent) -> bytes:

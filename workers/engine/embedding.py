@@ -20,6 +20,7 @@ import ctypes
 import logging
 import math
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ import numpy as np
 import numpy.typing as npt
 
 from schemas.llama_vocab import init_backend, tokenize
+from workers.engine.types import BULK, INTERACTIVE
 
 log = logging.getLogger("inferq.embedding")
 
@@ -52,6 +54,20 @@ class EmbedRequest:
     error: str | None = None
     finished: threading.Event = field(default_factory=threading.Event)
     _out: dict[int, npt.NDArray[np.float32]] = field(default_factory=dict)
+    # Bulk inputs are packed only after every waiting interactive input.
+    priority: int = INTERACTIVE
+    # Called on the engine thread once `finished` is set; must be cheap.
+    on_finish: Callable[[EmbedRequest], None] | None = None
+
+    def done(self) -> None:
+        if self.finished.is_set():
+            return  # a failed decode ends each request once, whatever it packed
+        self.finished.set()
+        if self.on_finish is not None:
+            try:
+                self.on_finish(self)
+            except Exception:
+                log.exception("embedding finish callback failed")
 
     def wait(self, timeout: float | None = None) -> bool:
         return self.finished.wait(timeout)
@@ -127,7 +143,11 @@ class EmbeddingEngine:
         self.encoder_only = not bool(llama_cpp.llama_model_has_decoder(model))
         self.stats = EmbedStats()
         self._batch = llama_cpp.llama_batch_init(n_ctx, 0, 1)
-        self._queue: collections.deque[tuple[EmbedRequest, int]] = collections.deque()
+        # Inputs waiting, by priority (interactive first).
+        self._queues: dict[int, collections.deque[tuple[EmbedRequest, int]]] = {
+            INTERACTIVE: collections.deque(),
+            BULK: collections.deque(),
+        }
         self._wake = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="embedding-engine", daemon=True)
@@ -156,9 +176,10 @@ class EmbeddingEngine:
             if not 0 < len(tokens) <= self.max_input:
                 raise ValueError(f"an input has {len(tokens)} tokens; 1 to {self.max_input} fit")
         with self._wake:
-            self._queue.extend((request, i) for i in range(len(request.inputs)))
+            queue = self._queues[BULK if request.priority > INTERACTIVE else INTERACTIVE]
+            queue.extend((request, i) for i in range(len(request.inputs)))
             if not request.inputs:
-                request.finished.set()
+                request.done()
             self._wake.notify()
 
     def close(self) -> None:
@@ -175,7 +196,7 @@ class EmbeddingEngine:
     def _run(self) -> None:
         while True:
             with self._wake:
-                while not (self._queue or self._stopping):
+                while not (any(self._queues.values()) or self._stopping):
                     self._wake.wait()
                 if self._stopping:
                     break
@@ -186,22 +207,24 @@ class EmbeddingEngine:
                 log.exception("embedding decode failed")
                 for request, _ in packed:
                     request.error = f"embedding failed: {exc}"
-                    request.finished.set()
-        for request, _ in self._queue:
-            request.error = "worker shutting down"
-            request.finished.set()
+                    request.done()
+        for queue in self._queues.values():
+            for request in {id(r): r for r, _ in queue}.values():
+                request.error = "worker shutting down"
+                request.done()
 
     def _take(self) -> list[tuple[EmbedRequest, int]]:
         packed: list[tuple[EmbedRequest, int]] = []
         tokens = 0
-        while self._queue and len(packed) < self.n_seq:
-            request, index = self._queue[0]
-            size = len(request.inputs[index])
-            if packed and tokens + size > self.n_batch:
-                break
-            self._queue.popleft()
-            packed.append((request, index))
-            tokens += size
+        for queue in (self._queues[INTERACTIVE], self._queues[BULK]):
+            while queue and len(packed) < self.n_seq:
+                request, index = queue[0]
+                size = len(request.inputs[index])
+                if packed and tokens + size > self.n_batch:
+                    return packed
+                queue.popleft()
+                packed.append((request, index))
+                tokens += size
         return packed
 
     def _decode(self, packed: list[tuple[EmbedRequest, int]]) -> None:
@@ -236,7 +259,7 @@ class EmbeddingEngine:
             request._out[index] = values.astype(np.float32)
             if len(request._out) == len(request.inputs):
                 request.vectors = [request._out[i] for i in range(len(request.inputs))]
-                request.finished.set()
+                request.done()
 
 
 def cosine(a: Any, b: Any) -> float:

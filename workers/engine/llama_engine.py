@@ -28,10 +28,11 @@ from schemas.events import (
     encode_token_logprobs,
 )
 from workers.engine import beam
+from workers.engine.admission import next_request, preempt_for_interactive
 from workers.engine.beam import BeamState
 from workers.engine.llama_model import LlamaModel
 from workers.engine.sampling import build_chain, choice_seed, logprob_entry
-from workers.engine.sequence import Group, Sequence, next_admissible
+from workers.engine.sequence import Group, Sequence
 from workers.engine.slots import Slots
 from workers.engine.text import TextAssembler
 from workers.engine.types import (
@@ -57,6 +58,7 @@ class EngineStats:
     prompt_tokens_evaluated: int = 0
     prompt_tokens_cached: int = 0
     tokens_generated: int = 0
+    preempted: int = 0
 
 
 class LlamaEngine:
@@ -153,14 +155,23 @@ class LlamaEngine:
         # never acknowledged before its client could hear the result.
         for request in self._finished:
             request.finished.set()
+            if request.on_finish is not None:
+                try:
+                    request.on_finish(request)
+                except Exception:
+                    log.exception("finish callback of %s failed", request.request_id)
         self._finished.clear()
 
     def _admit(self, out: Out) -> None:
         for cancelled in [r for r in self._waiting if r.cancelled]:
             self._waiting.remove(cancelled)
             self._finish(cancelled, _cancelled(cancelled), out)
-        while (request := next_admissible(self._waiting, self._slots.free)) is not None:
+        self.stats.preempted += preempt_for_interactive(
+            self._waiting, self._active, len(self._slots.free), self._give_back
+        )
+        while (request := next_request(self._waiting, self._slots.free)) is not None:
             self._waiting.remove(request)
+            request.admitted = True
             group = Group(request)
             if request.sampling.beam:
                 group.beam = BeamState(
@@ -184,6 +195,13 @@ class LlamaEngine:
                 sibling = self._new_sequence(group, index, slot)
                 sibling.fork_of = primary
                 self._active.append(sibling)
+
+    def _give_back(self, group: Group) -> int:
+        """Preemption: free a bulk group's slots, keeping their cache for reuse."""
+        seqs = [s for s in self._active if s.group is group]
+        for seq in seqs:
+            self._release(seq)
+        return len(seqs)
 
     def _new_sequence(self, group: Group, index: int, slot: int) -> Sequence:
         request = group.request
@@ -401,7 +419,8 @@ class LlamaEngine:
         if request.result is not None:
             return
         request.result = result
-        out.append((request.request_id, encode(result)))
+        if request.publish:
+            out.append((request.request_id, encode(result)))
         self._finished.append(request)
 
 

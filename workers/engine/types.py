@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -16,6 +16,11 @@ DEFAULT_TOP_K = 40
 DEFAULT_TOP_P = 0.95
 DEFAULT_MIN_P = 0.05
 DEFAULT_REPEAT_LAST_N = 64
+
+# Request priorities: interactive requests always go first; bulk lines take
+# only slots no interactive request is waiting for, and give them back.
+INTERACTIVE = 0
+BULK = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +80,14 @@ class EngineRequest:
     result: Done | ErrorEvent | None = None
     cancelled: bool = False
     finished: threading.Event = field(default_factory=threading.Event)
+    priority: int = INTERACTIVE
+    # False: no event reaches the sink; the result is only in `result` (bulk
+    # lines, which nobody streams).
+    publish: bool = True
+    # Called on the engine thread once `finished` is set; must be cheap.
+    on_finish: Callable[[EngineRequest], None] | None = None
+    # True while the request holds slots (False again if it is preempted).
+    admitted: bool = False
 
     def cancel(self) -> None:
         # Read by the engine thread at its next step; a bool store is atomic.

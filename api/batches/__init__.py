@@ -1,0 +1,1 @@
+"""Bulk jobs: the OpenAI Batches API's state, validation, scheduling and output."""

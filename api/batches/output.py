@@ -1,0 +1,133 @@
+"""A finished batch's output and error files, one line per request, in input
+order, streamed from the database page by page into the Files store."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import datetime
+from typing import Any
+
+import orjson
+from sqlalchemy import Engine, select
+
+from api import files_store
+from api.serving import bodies
+from api.serving.embedding_bodies import embedding_body, rerank_body
+from schemas import batches as b
+from schemas.events import Done, Embeddings, ErrorEvent, decode
+from schemas.jobs import EmbedJob, GenerateJob
+from schemas.openai import error_body
+from schemas.tables import BATCH_LINES as LINES
+
+PAGE = 1000
+
+_NOT_RUN = {
+    b.EXPIRED: (
+        "batch_expired",
+        "This request could not be executed before the completion window expired.",
+    ),
+    b.CANCELLED: ("batch_cancelled", "This request was not executed: the batch was cancelled."),
+}
+
+
+def _rows(db: Engine, batch_id: str, states: tuple[str, ...]) -> Iterator[Any]:
+    last = -1
+    while True:
+        query = (
+            select(
+                LINES.c.line,
+                LINES.c.custom_id,
+                LINES.c.request_id,
+                LINES.c.model,
+                LINES.c.job,
+                LINES.c.state,
+                LINES.c.result,
+                LINES.c.finished_at,
+            )
+            .where(LINES.c.batch_id == batch_id, LINES.c.line > last, LINES.c.state.in_(states))
+            .order_by(LINES.c.line)
+            .limit(PAGE)
+        )
+        with db.connect() as conn:
+            page = conn.execute(query).all()
+        yield from page
+        if len(page) < PAGE:
+            return
+        last = page[-1].line
+
+
+def response(row: Any) -> tuple[int, dict[str, Any]]:
+    """(status code, body) of a line that ran or was rejected."""
+    result = row.result or {}
+    if "status_code" in result:
+        return int(result["status_code"]), result["body"]
+    event = decode(orjson.dumps(result["event"]))
+    if isinstance(event, ErrorEvent):
+        body = error_body(event.message, type=event.error_type, code=event.code, param=event.param)
+        return event.status, body
+    job, options = row.job["payload"], row.job.get("options", {})
+    if isinstance(event, Embeddings):
+        embed = EmbedJob.model_validate(job)
+        if embed.kind == "rerank":
+            body = rerank_body(
+                row.model,
+                event,
+                options["texts"],
+                options.get("top_n"),
+                options.get("return_documents", True),
+            )
+            return 200, body
+        return 200, embedding_body(
+            row.model, event, options.get("encoding_format", "float"), options.get("dimensions")
+        )
+    assert isinstance(event, Done)
+    created = int((row.finished_at or datetime.now()).timestamp())
+    return 200, bodies.openai_body(GenerateJob.model_validate(job), created, {}, event)
+
+
+def _line(row: Any) -> bytes:
+    if row.state in _NOT_RUN:
+        code, message = _NOT_RUN[row.state]
+        out: dict[str, Any] = {
+            "id": row.request_id,
+            "custom_id": row.custom_id,
+            "response": None,
+            "error": {"code": code, "message": message},
+        }
+    else:
+        status, body = response(row)
+        out = {
+            "id": row.request_id,
+            "custom_id": row.custom_id,
+            "response": {"status_code": status, "request_id": row.request_id, "body": body},
+            "error": None,
+        }
+    return orjson.dumps(out, option=orjson.OPT_SERIALIZE_NUMPY) + b"\n"
+
+
+def _write(db: Engine, batch_id: str, name: str, states: tuple[str, ...]) -> str | None:
+    lines = (_line(row) for row in _rows(db, batch_id, states))
+    first = next(lines, None)
+    if first is None:
+        return None
+
+    def chunks() -> Iterator[bytes]:
+        yield first
+        yield from lines
+
+    record = files_store.create_file(
+        db,
+        filename=f"{batch_id}_{name}.jsonl",
+        purpose="batch_output",
+        chunks=chunks(),
+        max_bytes=None,
+    )
+    file_id: str = record.id
+    return file_id
+
+
+def write_files(db: Engine, *, batch_id: str) -> tuple[str | None, str | None]:
+    """(output_file_id, error_file_id); None where no line belongs there."""
+    output = _write(db, batch_id, "output", (b.DONE,))
+    errors = _write(db, batch_id, "errors", (b.FAILED, b.EXPIRED, b.CANCELLED))
+    return output, errors

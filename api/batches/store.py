@@ -1,0 +1,181 @@
+"""Batches in the database: keyword-only data-access functions on a
+synchronous engine (the API calls them in its thread pool, the scheduler on
+its own thread)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Engine, distinct, func, insert, select, update
+from sqlalchemy.orm import Session
+
+from api.batches.validate import Line
+from schemas import batches as b
+from schemas.tables import BATCH_LINES as LINES
+from schemas.tables import BATCHES, BatchRecord, aware, utcnow
+
+INSERT_ROWS = 1000
+
+
+def _ts(value: datetime | None) -> int | None:
+    return int(aware(value).timestamp()) if value is not None else None
+
+
+def create_batch(db: Engine, *, create: b.BatchCreate) -> BatchRecord:
+    now = utcnow()
+    record = BatchRecord(
+        id=f"batch_{uuid.uuid4().hex}",
+        created_at=now,
+        endpoint=create.endpoint,
+        input_file_id=create.input_file_id,
+        completion_window=create.completion_window,
+        expires_at=now + timedelta(seconds=b.window_seconds(create.completion_window)),
+        status=b.VALIDATING,
+        meta=create.metadata,
+    )
+    with Session(db, expire_on_commit=False) as session, session.begin():
+        session.add(record)
+    return record
+
+
+def get_batch(db: Engine, *, batch_id: str) -> BatchRecord | None:
+    with Session(db, expire_on_commit=False) as session:
+        return session.get(BatchRecord, batch_id)
+
+
+def list_batches(
+    db: Engine, *, after: str | None = None, limit: int = 20
+) -> tuple[list[BatchRecord], bool]:
+    """Newest first; `after` is the id of the last batch of the previous page."""
+    query = select(BatchRecord).order_by(BatchRecord.created_at.desc(), BatchRecord.id.desc())
+    with Session(db, expire_on_commit=False) as session:
+        if after is not None:
+            anchor = session.get(BatchRecord, after)
+            if anchor is not None:
+                query = query.where(
+                    (BatchRecord.created_at < anchor.created_at)
+                    | ((BatchRecord.created_at == anchor.created_at) & (BatchRecord.id < anchor.id))
+                )
+        rows = list(session.scalars(query.limit(limit + 1)))
+    return rows[:limit], len(rows) > limit
+
+
+def counts(db: Engine, *, batch_ids: Sequence[str]) -> dict[str, b.RequestCounts]:
+    """request_counts: every line in the error file counts as failed."""
+    out = {batch_id: b.RequestCounts() for batch_id in batch_ids}
+    if not batch_ids:
+        return out
+    query = (
+        select(LINES.c.batch_id, LINES.c.state, func.count())
+        .where(LINES.c.batch_id.in_(batch_ids))
+        .group_by(LINES.c.batch_id, LINES.c.state)
+    )
+    with db.connect() as conn:
+        for batch_id, state, n in conn.execute(query):
+            c = out[batch_id]
+            c.total += n
+            if state == b.DONE:
+                c.completed += n
+            elif state in (b.FAILED, b.EXPIRED, b.CANCELLED):
+                c.failed += n
+    return out
+
+
+def batch_object(record: BatchRecord, request_counts: b.RequestCounts) -> b.BatchObject:
+    return b.BatchObject(
+        id=record.id,
+        endpoint=record.endpoint,
+        errors=record.errors,  # type: ignore[arg-type]
+        input_file_id=record.input_file_id,
+        completion_window=record.completion_window,
+        status=record.status,
+        output_file_id=record.output_file_id,
+        error_file_id=record.error_file_id,
+        created_at=_ts(record.created_at) or 0,
+        in_progress_at=_ts(record.in_progress_at),
+        expires_at=_ts(record.expires_at),
+        finalizing_at=_ts(record.finalizing_at),
+        completed_at=_ts(record.completed_at),
+        failed_at=_ts(record.failed_at),
+        expired_at=_ts(record.expired_at),
+        cancelling_at=_ts(record.cancelling_at),
+        cancelled_at=_ts(record.cancelled_at),
+        request_counts=request_counts,
+        metadata=record.meta,
+    )
+
+
+def set_status(db: Engine, *, batch_id: str, status: str, **fields: Any) -> None:
+    stamp = {
+        b.IN_PROGRESS: "in_progress_at",
+        b.FINALIZING: "finalizing_at",
+        b.COMPLETED: "completed_at",
+        b.BATCH_FAILED: "failed_at",
+        b.BATCH_EXPIRED: "expired_at",
+        b.CANCELLING: "cancelling_at",
+        b.BATCH_CANCELLED: "cancelled_at",
+    }.get(status)
+    values: dict[str, Any] = {"status": status, **fields}
+    if stamp:
+        values[stamp] = utcnow()
+    with db.begin() as conn:
+        conn.execute(update(BATCHES).where(BATCHES.c.id == batch_id).values(**values))
+
+
+def insert_lines(db: Engine, *, batch_id: str, lines: Sequence[Line]) -> None:
+    """All of a batch's lines, then in_progress, in one transaction: a crash
+    halfway leaves the batch validating, and validation starts over."""
+    now = utcnow()
+    with db.begin() as conn:
+        conn.execute(LINES.delete().where(LINES.c.batch_id == batch_id))
+        for start in range(0, len(lines), INSERT_ROWS):
+            rows = [
+                {
+                    "batch_id": batch_id,
+                    "line": line.line,
+                    "custom_id": line.custom_id,
+                    "request_id": line.request_id,
+                    "model": line.model,
+                    "job": line.job,
+                    "state": line.state,
+                    "attempts": 0,
+                    "result": line.result,
+                    "finished_at": None if line.job is not None else now,
+                }
+                for line in lines[start : start + INSERT_ROWS]
+            ]
+            conn.execute(insert(LINES), rows)
+        conn.execute(
+            update(BATCHES)
+            .where(BATCHES.c.id == batch_id, BATCHES.c.status == b.VALIDATING)
+            .values(status=b.IN_PROGRESS, in_progress_at=now)
+        )
+
+
+def request_cancel(db: Engine, *, batch_id: str) -> bool:
+    """Cancelling: no line starts any more; those already on a worker finish.
+    False when the batch is past cancelling (finished, failed, expired)."""
+    now = utcnow()
+    with db.begin() as conn:
+        moved = conn.execute(
+            update(BATCHES)
+            .where(BATCHES.c.id == batch_id, BATCHES.c.status.in_((b.VALIDATING, b.IN_PROGRESS)))
+            .values(status=b.CANCELLING, cancelling_at=now)
+        ).rowcount
+        if moved:
+            conn.execute(
+                update(LINES)
+                .where(LINES.c.batch_id == batch_id, LINES.c.state.in_((b.PENDING, b.QUEUED)))
+                .values(state=b.CANCELLED, finished_at=now, lease_until=None)
+            )
+    return bool(moved)
+
+
+def batch_models(db: Engine, *, batch_id: str) -> list[str]:
+    """The models a batch's lines run on."""
+    with db.connect() as conn:
+        rows = conn.execute(select(distinct(LINES.c.model)).where(LINES.c.batch_id == batch_id))
+        return [r[0] for r in rows if r[0]]

@@ -1,0 +1,352 @@
+"""Bulk lines on a worker.
+
+A chunk message names lines in the database. The worker claims the ones still
+queued for that chunk, hands them to its engine at bulk priority (they only
+take slots no interactive request is waiting for) and returns at once, so a
+chunk never holds a Celery thread. Results are written by one writer thread
+in batched transactions, and only while the line is still this chunk's and
+running: a line whose lease ran out and was handed to another worker is
+written once, by whoever holds it now. The same thread renews the leases of
+the lines this worker holds; a worker that dies stops renewing, and the
+scheduler puts its lines back."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import Engine, bindparam, insert, update
+
+from schemas import batches as b
+from schemas.events import Done, Embeddings, ErrorEvent
+from schemas.jobs import EmbedJob, GenerateJob
+from schemas.tables import BATCH_LINES as LINES
+from schemas.tables import USAGE, utcnow
+from workers.engine.embedding import EmbedRequest
+from workers.engine.types import BULK, EngineRequest
+
+if TYPE_CHECKING:
+    from workers.embed_service import EmbedRuntime
+    from workers.service import WorkerRuntime
+
+log = logging.getLogger(__name__)
+
+# Errors that say the worker went away rather than that the line is bad: the
+# line goes back to pending and runs again.
+SHUTTING_DOWN = "worker shutting down"
+
+
+@dataclass(eq=False)
+class Held:
+    """A line this worker claimed and has not written back yet."""
+
+    batch_id: str
+    line: int
+    chunk: str
+    endpoint: str
+    started: float = field(default_factory=time.perf_counter)
+    request: EngineRequest | EmbedRequest | None = None
+    # Embedding lines: what shaping the answer needs.
+    embed: tuple[EmbedJob, list[list[int]], bool] | None = None
+
+
+@dataclass
+class Outcome:
+    held: Held
+    state: str
+    result: dict[str, Any] | None = None
+    # A finished generation, shaped into `result` on the writer thread.
+    done: Done | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+def _event(event: Done | ErrorEvent | Embeddings) -> dict[str, Any]:
+    return b.worker_result(asdict(event))
+
+
+class BulkRunner:
+    def __init__(
+        self,
+        *,
+        db: Engine,
+        worker_id: str,
+        model: str,
+        lease: float,
+        runtime: WorkerRuntime | None,
+        embed_runtime: EmbedRuntime | None,
+    ) -> None:
+        self.db = db
+        self.worker_id = worker_id
+        self.model = model
+        self.lease = lease
+        self.runtime = runtime
+        self.embed_runtime = embed_runtime
+        self._outcomes: queue.SimpleQueue[Outcome] = queue.SimpleQueue()
+        self._held: dict[tuple[str, int], Held] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._write_loop, name="bulk-writer", daemon=True)
+        self._thread.start()
+
+    # -- called from Celery threads -------------------------------------------
+
+    def run_chunk(self, chunk: str) -> int:
+        """Claim the chunk's queued lines and start them; returns how many."""
+        claim = (
+            update(LINES)
+            .where(LINES.c.chunk == chunk, LINES.c.state == b.QUEUED)
+            .values(
+                state=b.RUNNING,
+                worker=self.worker_id,
+                lease_until=utcnow() + timedelta(seconds=self.lease),
+                attempts=LINES.c.attempts + 1,
+            )
+            .returning(LINES.c.batch_id, LINES.c.line, LINES.c.job)
+        )
+        with self.db.begin() as conn:
+            rows = conn.execute(claim).all()
+        for batch_id, line, job in sorted(rows, key=lambda r: (r[0], r[1])):
+            held = Held(batch_id, line, chunk, endpoint="")
+            with self._lock:
+                self._held[(batch_id, line)] = held
+            try:
+                self._start(held, job)
+            except Exception as exc:  # one bad line never takes its neighbours down
+                log.exception("bulk line %s:%d could not start", batch_id, line)
+                self._fail(held, ErrorEvent(message=f"inference failed: {exc}"))
+        return len(rows)
+
+    def cancel_batch(self, batch_id: str) -> None:
+        """Drop the batch's lines that have not reached a slot; running ones
+        finish and keep their results."""
+        with self._lock:
+            held = [h for (bid, _), h in self._held.items() if bid == batch_id]
+        for h in held:
+            if isinstance(h.request, EngineRequest) and not h.request.admitted:
+                h.request.cancel()
+
+    def close(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout)
+
+    # -- starting lines ---------------------------------------------------------
+
+    def _start(self, held: Held, job: dict[str, Any]) -> None:
+        payload = job["payload"]
+        if job["task"] == "embed":
+            self._start_embed(held, EmbedJob.model_validate(payload))
+        else:
+            self._start_generate(held, GenerateJob.model_validate(payload))
+
+    def _unsupported(self, held: Held, what: str) -> None:
+        message = f"model '{self.model}' does not serve {what}"
+        self._fail(
+            held,
+            ErrorEvent(
+                message,
+                error_type="invalid_request_error",
+                code="unsupported_model",
+                status=400,
+                param="model",
+            ),
+        )
+
+    def _start_generate(self, held: Held, job: GenerateJob) -> None:
+        from workers.service import Rejected, prepare
+
+        held.endpoint = job.endpoint
+        if self.runtime is None:
+            self._unsupported(held, "text generation")
+            return
+        try:
+            tokens, sampling = prepare(self.runtime, job)
+        except Rejected as exc:
+            self._fail(held, exc.event)
+            return
+        request = EngineRequest(
+            job.request_id,
+            tokens,
+            sampling,
+            stream=False,
+            priority=BULK,
+            publish=False,
+            on_finish=lambda r: self._generated(held, r),
+        )
+        held.request = request
+        self.runtime.engine.submit(request)
+
+    def _start_embed(self, held: Held, job: EmbedJob) -> None:
+        from workers.embed_service import InputError, build_inputs
+
+        held.endpoint = "rerank" if job.kind == "rerank" else "embeddings"
+        if self.embed_runtime is None:
+            self._unsupported(held, held.endpoint)
+            return
+        try:
+            inputs, pairs = build_inputs(self.embed_runtime, job)
+        except InputError as exc:
+            self._fail(
+                held,
+                ErrorEvent(
+                    str(exc), error_type="invalid_request_error", status=400, param=exc.param
+                ),
+            )
+            return
+        held.embed = (job, inputs, pairs)
+        request = EmbedRequest(
+            inputs,
+            normalize=job.normalize,
+            priority=BULK,
+            on_finish=lambda r: self._embedded(held, r),
+        )
+        held.request = request
+        self.embed_runtime.engine.submit(request)
+
+    # -- engine threads: record and move on (the writer does the rest) ------
+
+    def _fail(self, held: Held, event: ErrorEvent) -> None:
+        if event.message == SHUTTING_DOWN:
+            self._outcomes.put(Outcome(held, b.PENDING))
+        else:
+            self._outcomes.put(Outcome(held, b.FAILED, _event(event)))
+
+    def _generated(self, held: Held, request: EngineRequest) -> None:
+        result = request.result
+        if isinstance(result, ErrorEvent) or result is None:
+            self._fail(held, result or ErrorEvent(message="inference failed"))
+            return
+        if any(c.finish_reason == "cancelled" for c in result.choices):
+            self._outcomes.put(Outcome(held, b.CANCELLED))
+            return
+        usage = result.usage
+        self._outcomes.put(
+            Outcome(held, b.DONE, None, result, usage.prompt_tokens, usage.completion_tokens)
+        )
+
+    def _embedded(self, held: Held, request: EmbedRequest) -> None:
+        if request.error:
+            self._fail(held, ErrorEvent(message=request.error))
+            return
+        self._outcomes.put(Outcome(held, b.DONE))
+
+    # -- writer thread ------------------------------------------------------------
+
+    def _write_loop(self) -> None:
+        renewed = time.monotonic()
+        backlog: list[Outcome] = []
+        while True:
+            try:
+                backlog.append(self._outcomes.get(timeout=0.2))
+                while len(backlog) < 500:
+                    backlog.append(self._outcomes.get_nowait())
+            except queue.Empty:
+                pass
+            if backlog:
+                try:
+                    self._write(backlog)
+                    backlog = []
+                except Exception:
+                    # Kept and retried; if the database stays away the leases
+                    # lapse and the lines run again elsewhere.
+                    log.exception("writing %d bulk results failed; retrying", len(backlog))
+                    time.sleep(1.0)
+            if time.monotonic() - renewed > self.lease / 3:
+                renewed = time.monotonic()
+                self._renew()
+            if self._stop.is_set() and not backlog and self._outcomes.empty():
+                return
+
+    def _shape(self, outcome: Outcome) -> None:
+        held = outcome.held
+        if outcome.state != b.DONE or outcome.result is not None:
+            return
+        if held.embed is not None and isinstance(held.request, EmbedRequest):
+            from workers.embed_service import make_answer
+
+            job, inputs, pairs = held.embed
+            answer = make_answer(job, held.request, inputs, pairs)
+            outcome.prompt_tokens = answer.prompt_tokens
+            outcome.result = _event(answer)
+        elif outcome.done is not None:
+            outcome.result = _event(outcome.done)
+
+    def _write(self, outcomes: list[Outcome]) -> None:
+        for outcome in outcomes:
+            self._shape(outcome)
+        now = utcnow()
+        finish = (
+            update(LINES)
+            .where(
+                LINES.c.batch_id == bindparam("b_batch"),
+                LINES.c.line == bindparam("b_line"),
+                LINES.c.chunk == bindparam("b_chunk"),
+                LINES.c.state == b.RUNNING,
+            )
+            .values(
+                state=bindparam("b_state"),
+                result=bindparam("b_result"),
+                finished_at=bindparam("b_finished"),
+                chunk=bindparam("b_new_chunk"),
+                lease_until=None,
+            )
+        )
+        rows = []
+        usage = []
+        for o in outcomes:
+            h = o.held
+            final = o.state != b.PENDING
+            rows.append(
+                {
+                    "b_batch": h.batch_id,
+                    "b_line": h.line,
+                    "b_chunk": h.chunk,
+                    "b_state": o.state,
+                    "b_result": o.result,
+                    "b_finished": now if final else None,
+                    # A line put back loses its chunk, so a stale message for
+                    # that chunk finds nothing to claim.
+                    "b_new_chunk": h.chunk if final else None,
+                }
+            )
+            if o.state in (b.DONE, b.FAILED):
+                usage.append(
+                    {
+                        "created_at": now,
+                        "request_id": f"{h.batch_id}:{h.line}",
+                        "model": self.model,
+                        "endpoint": f"batch:{h.endpoint}",
+                        "prompt_tokens": o.prompt_tokens,
+                        "completion_tokens": o.completion_tokens,
+                        "ttft_ms": None,
+                        "duration_ms": (time.perf_counter() - h.started) * 1000,
+                        "status": "completed" if o.state == b.DONE else "failed",
+                        "worker": self.worker_id,
+                    }
+                )
+        with self.db.begin() as conn:
+            conn.execute(finish, rows)
+            if usage:
+                conn.execute(insert(USAGE), usage)
+        with self._lock:
+            for o in outcomes:
+                self._held.pop((o.held.batch_id, o.held.line), None)
+
+    def _renew(self) -> None:
+        with self._lock:
+            if not self._held:
+                return
+        try:
+            with self.db.begin() as conn:
+                conn.execute(
+                    update(LINES)
+                    .where(LINES.c.worker == self.worker_id, LINES.c.state == b.RUNNING)
+                    .values(lease_until=utcnow() + timedelta(seconds=self.lease))
+                )
+        except Exception:
+            log.exception("renewing bulk leases failed")
