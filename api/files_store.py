@@ -130,6 +130,8 @@ def iter_content(db: Engine, *, file_id: str) -> Iterator[bytes]:
 
 def delete_file(db: Engine, *, file_id: str) -> bool:
     with db.begin() as conn:
+        # Not left to ON DELETE CASCADE: SQLite only cascades on connections
+        # with PRAGMA foreign_keys=ON, which an engine not from make_engine lacks.
         conn.execute(delete(FileChunk).where(FileChunk.file_id == file_id))
         return bool(conn.execute(delete(FileRecord).where(FileRecord.id == file_id)).rowcount)
 

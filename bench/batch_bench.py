@@ -100,13 +100,13 @@ def ttft(url: str, model: str, n: int, pause: float) -> list[float]:
     with httpx.Client(timeout=120) as client:
         for _ in range(n):
             sent = time.perf_counter()
+            first = None
             with client.stream("POST", url + "/v1/chat/completions", json=body) as response:
                 for line in response.iter_lines():
-                    if line.startswith("data: ") and '"content"' in line:
-                        out.append((time.perf_counter() - sent) * 1000)
-                        break
-                for _ in response.iter_lines():
-                    pass
+                    if first is None and line.startswith("data: ") and '"content"' in line:
+                        first = (time.perf_counter() - sent) * 1000
+            assert first is not None, "no token came"
+            out.append(first)
             time.sleep(pause)
     return out
 

@@ -294,6 +294,9 @@ class BulkRunner:
                 finished_at=bindparam("b_finished"),
                 chunk=bindparam("b_new_chunk"),
                 lease_until=None,
+                # A line handed back on shutdown was not lost: that run does
+                # not count against its attempts.
+                attempts=LINES.c.attempts - bindparam("b_undo"),
             )
         )
         rows = []
@@ -312,6 +315,7 @@ class BulkRunner:
                     # A line put back loses its chunk, so a stale message for
                     # that chunk finds nothing to claim.
                     "b_new_chunk": h.chunk if final else None,
+                    "b_undo": 0 if final else 1,
                 }
             )
             if o.state in (b.DONE, b.FAILED):

@@ -268,6 +268,10 @@ class BatchScheduler:
                 )
             ).scalar_one()
         room = slots * self.settings.batch_inflight_per_slot - int(inflight)
+        # Top up in whole chunks where the backlog allows: a line at a time
+        # would be a queue message and a claim per line.
+        if inflight and room < max(1, chunk_lines // 2):
+            return
         while room > 0:
             chunk = f"chunk_{uuid.uuid4().hex}"
             take = min(chunk_lines, room)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, delete, func, select
 
 from api import files_store
 from inferq.migrate import upgrade
@@ -70,3 +70,39 @@ def test_list_pages_and_delete(db: Engine) -> None:
     assert files_store.get_file(db, file_id=ids[0]) is None
     assert not files_store.delete_file(db, file_id=ids[0])
     assert _chunks(db) == 4
+
+
+def test_unfinished_upload_is_invisible_and_content_is_read_lazily(db: Engine) -> None:
+    seen_mid_upload: list[object] = []
+
+    def pieces() -> Iterator[bytes]:
+        yield b"a" * 1024
+        # The first chunk is written; the file must not be listed or readable yet.
+        seen_mid_upload.append(files_store.list_files(db)[0])
+        with db.connect() as conn:
+            file_id = conn.execute(select(FileRecord.id)).scalar_one()
+        seen_mid_upload.append(files_store.get_file(db, file_id=file_id))
+        yield b"b" * 1024
+
+    record = files_store.create_file(
+        db, filename="f", purpose="batch", chunks=pieces(), max_bytes=None, chunk_bytes=1024
+    )
+    assert seen_mid_upload == [[], None]
+    assert files_store.get_file(db, file_id=record.id) is not None
+
+    # One chunk per query: a reader that got the first chunk sees the delete
+    # before asking for the second.
+    content = files_store.iter_content(db, file_id=record.id)
+    assert next(content) == b"a" * 1024
+    assert files_store.delete_file(db, file_id=record.id)
+    assert list(content) == []
+
+
+def test_database_cascade_removes_chunks(db: Engine) -> None:
+    record = files_store.create_file(
+        db, filename="f", purpose="batch", chunks=[b"x" * 3000], max_bytes=None, chunk_bytes=1024
+    )
+    assert _chunks(db) == 3
+    with db.begin() as conn:
+        conn.execute(delete(FileRecord).where(FileRecord.id == record.id))
+    assert _chunks(db) == 0

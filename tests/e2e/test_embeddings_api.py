@@ -160,3 +160,47 @@ def test_rerank_with_an_embedding_model_uses_cosine(url: str) -> None:
     assert got == pytest.approx(dict(enumerate(expected)), abs=1e-4)
     chat = httpx.post(url + "/v1/rerank", json={"model": "chat", "query": "q", "documents": ["d"]})
     assert chat.status_code == 400
+
+
+def test_embedding_and_rerank_batches_match_direct_calls(url: str) -> None:
+    """Bulk jobs on the embedded default (SQLite): each line's answer is what
+    the same request gets on its own."""
+    from tests.e2e.batch_helpers import by_custom_id, read_lines, submit, wait
+
+    client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+    embed_lines = [
+        {
+            "custom_id": f"e{i}",
+            "method": "POST",
+            "url": "/v1/embeddings",
+            "body": {"model": "embed", "input": [text], "encoding_format": "float"},
+        }
+        for i, text in enumerate(TEXTS)
+    ]
+    batch = wait(client, submit(client, embed_lines, endpoint="/v1/embeddings").id, 60)
+    assert batch.status == "completed", batch
+    output = by_custom_id(read_lines(client, batch.output_file_id))
+    direct = client.embeddings.create(model="embed", input=TEXTS, encoding_format="float")
+    for i, item in enumerate(direct.data):
+        body = output[f"e{i}"]["response"]["body"]
+        assert body["object"] == "list" and body["model"] == "embed"
+        assert float(np.dot(body["data"][0]["embedding"], item.embedding)) > 0.9999
+
+    rerank_lines = [
+        {
+            "custom_id": "r0",
+            "method": "POST",
+            "url": "/v1/rerank",
+            "body": {"model": "rerank", "query": "a cat", "documents": TEXTS, "top_n": 2},
+        }
+    ]
+    batch = wait(client, submit(client, rerank_lines, endpoint="/v1/rerank").id, 60)
+    assert batch.status == "completed", batch
+    [line] = read_lines(client, batch.output_file_id)
+    results = line["response"]["body"]["results"]
+    alone = httpx.post(
+        url + "/v1/rerank",
+        json={"model": "rerank", "query": "a cat", "documents": TEXTS, "top_n": 2},
+    ).json()["results"]
+    assert [r["index"] for r in results] == [r["index"] for r in alone]
+    assert len(results) == 2 and results[0]["document"]["text"] in TEXTS

@@ -10,6 +10,7 @@ the same prefix only evaluates the rest."""
 from __future__ import annotations
 
 import collections
+import itertools
 import logging
 import threading
 import time
@@ -36,6 +37,7 @@ from workers.engine.sequence import Group, Sequence
 from workers.engine.slots import Slots
 from workers.engine.text import TextAssembler
 from workers.engine.types import (
+    INTERACTIVE,
     ContextLengthExceeded,
     EngineRequest,
     EventSink,
@@ -50,6 +52,10 @@ Out = list[tuple[str, bytes]]
 
 def _slot_of(seq: Sequence) -> int:
     return seq.slot
+
+
+def _priority_of(seq: Sequence) -> int:
+    return seq.request.priority
 
 
 @dataclass
@@ -69,6 +75,7 @@ class LlamaEngine:
         self.n_ctx_per_slot = model.n_ctx_per_slot
         self.stats = EngineStats()
         self._incoming: collections.deque[EngineRequest] = collections.deque()
+        self._arrivals = itertools.count(1)
         self._waiting: collections.deque[EngineRequest] = collections.deque()
         self._wake = threading.Condition()
         # Tokens whose KV entries each slot holds, for prompt prefix reuse.
@@ -106,6 +113,8 @@ class LlamaEngine:
             if request.id_slot is not None and not 0 <= request.id_slot < self.n_slots:
                 raise InvalidSlot(request.id_slot, self.n_slots)
         with self._wake:
+            for request in requests:
+                request.arrival = next(self._arrivals)
             self._incoming.extend(requests)
             self._wake.notify()
 
@@ -236,11 +245,19 @@ class LlamaEngine:
             return
         # Generating sequences get one token each, so every stream moves every
         # step; prompt chunks fill the rest of the batch (first come, first
-        # served), so a long prompt is spread over several steps instead of
-        # stalling the streams already running.
-        budget = self.model.n_batch - sum(1 for s in self._active if s.generating)
+        # served, interactive prompts before bulk ones), so a long prompt is
+        # spread over several steps instead of stalling the streams already
+        # running, and a bulk prompt never delays an interactive first token.
+        # While an interactive prompt is evaluated, bulk sequences sit the step
+        # out: the step is then that prompt (and the interactive streams) only,
+        # so a running batch delays a first token by about the step already
+        # under way, not by two full steps. Bulk work loses one step per
+        # arriving interactive request.
+        hold = any(s.prefilling and s.request.priority == INTERACTIVE for s in self._active)
+        stepping = [s for s in self._active if not (hold and s.request.priority > INTERACTIVE)]
+        budget = self.model.n_batch - sum(1 for s in stepping if s.generating)
         chunks: dict[int, int] = {}
-        for seq in self._active:
+        for seq in sorted(stepping, key=_priority_of):
             if budget > 0 and seq.prefilling:
                 take = min(budget, len(seq.request.prompt_tokens) - seq.n_evaluated)
                 chunks[id(seq)] = take
@@ -251,8 +268,9 @@ class LlamaEngine:
         n = 0
         batch = self._batch
         completed: list[Sequence] = []
-        for seq in sorted(self._active, key=_slot_of):
+        for seq in self._active:
             seq.logits_index = -1
+        for seq in sorted(stepping, key=_slot_of):
             if seq.generating:
                 self._tokens[n] = seq.last_token
                 self._pos[n] = seq.position
@@ -368,7 +386,7 @@ class LlamaEngine:
         if request.sampling.logprobs is not None:
             seq.logprobs.append(entry)
             seq.pending_logprobs.append(entry)
-        if request.stream:
+        if request.streams:
             self._emit(seq, text, out)
         if seq.text.stopped:
             self._complete(seq, "stop", out, "word")
@@ -390,7 +408,7 @@ class LlamaEngine:
     def _complete(self, seq: Sequence, reason: str, out: Out, stop_type: str) -> None:
         if not seq.text.stopped:
             tail = seq.text.finish()
-            if seq.request.stream and (tail or seq.pending_logprobs):
+            if seq.request.streams and (tail or seq.pending_logprobs):
                 self._emit(seq, tail, out)
         seq.group.choices[seq.index] = seq.finish(reason, stop_type)
         self._release(seq)
@@ -419,6 +437,7 @@ class LlamaEngine:
         if request.result is not None:
             return
         request.result = result
+        request.admitted = False  # its slots are released by now
         if request.publish:
             out.append((request.request_id, encode(result)))
         self._finished.append(request)

@@ -93,7 +93,7 @@ class Sequence:
         return self.n_evaluated + max(self.n_generated - 1, 0)
 
     def finish(self, reason: str, stop_type: str | None = None) -> ChoiceResult:
-        stream = self.request.stream
+        stream = self.request.streams
         return ChoiceResult(
             index=self.index,
             finish_reason=reason,

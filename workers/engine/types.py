@@ -86,8 +86,18 @@ class EngineRequest:
     publish: bool = True
     # Called on the engine thread once `finished` is set; must be cheap.
     on_finish: Callable[[EngineRequest], None] | None = None
-    # True while the request holds slots (False again if it is preempted).
+    # True while the request holds slots: set at admission, False again when
+    # it is preempted or has finished. Only the engine thread writes it.
     admitted: bool = False
+    # Submission order, set by the engine: a preempted request goes back to
+    # its place in the queue, ahead of the bulk requests that came after it.
+    arrival: int = 0
+
+    @property
+    def streams(self) -> bool:
+        """Tokens go out one event each (an unpublished request's never do: its
+        choices then carry their whole text, as a non-streamed one's)."""
+        return self.stream and self.publish
 
     def cancel(self) -> None:
         # Read by the engine thread at its next step; a bool store is atomic.
