@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy import Engine, delete, insert, select, update
 from sqlalchemy.orm import Session
 
-from schemas.tables import FileChunk, FileRecord, aware, utcnow
+from schemas.tables import FileChunk, FileRecord, aware, plausible_id, utcnow
 
 CHUNK_BYTES = 4 * 1024 * 1024
 
@@ -50,7 +50,8 @@ def create_file(
     record = FileRecord(
         id=f"file-{uuid.uuid4().hex[:24]}",
         created_at=utcnow(),
-        filename=filename[:512],
+        # Postgres refuses NUL in text.
+        filename=filename.replace("\x00", "")[:512] or "upload",
         purpose=purpose,
         bytes=0,
         status="uploaded",
@@ -79,6 +80,8 @@ def create_file(
 
 
 def get_file(db: Engine, *, file_id: str) -> FileRecord | None:
+    if not plausible_id(file_id):
+        return None
     with Session(db, expire_on_commit=False) as session:
         record = session.get(FileRecord, file_id)
     return record if record is not None and record.status == "processed" else None
@@ -96,9 +99,15 @@ def list_files(
     key = (FileRecord.created_at, FileRecord.id)
     query = select(FileRecord).where(FileRecord.status == "processed")
     if purpose is not None:
+        if "\x00" in purpose:
+            return [], False
         query = query.where(FileRecord.purpose == purpose)
     with Session(db, expire_on_commit=False) as session:
-        if after is not None and (anchor := session.get(FileRecord, after)) is not None:
+        if (
+            after is not None
+            and plausible_id(after)
+            and (anchor := session.get(FileRecord, after)) is not None
+        ):
             if newest_first:
                 query = query.where(
                     (key[0] < anchor.created_at)
@@ -129,6 +138,8 @@ def iter_content(db: Engine, *, file_id: str) -> Iterator[bytes]:
 
 
 def delete_file(db: Engine, *, file_id: str) -> bool:
+    if not plausible_id(file_id):
+        return False
     with db.begin() as conn:
         # Not left to ON DELETE CASCADE: SQLite only cascades on connections
         # with PRAGMA foreign_keys=ON, which an engine not from make_engine lacks.

@@ -234,6 +234,9 @@ def main() -> int:
     print(f"| idle server | {statistics.median(idle):.0f} | {max(idle):.0f} |")
     print(f"| batch running | {statistics.median(busy):.0f} | {max(busy):.0f} |")
     print()
+    print(f"TTFT samples (ms), idle: {', '.join(f'{v:.0f}' for v in idle)}")
+    print(f"TTFT samples (ms), batch running: {', '.join(f'{v:.0f}' for v in busy)}")
+    print()
     print(
         f"decode step at {args.slots} sequences: {step_ms:.0f} ms; batch wall "
         f"{result['wall_s']:.0f} s for {result['tokens']} tokens "

@@ -95,6 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--models-dir", default=os.environ.get("INFERQ_MODELS_DIR", "models"))
     demo.set_defaults(func=_cmd_demo)
 
+    from inferq.batch_cli import add_parser
+
+    add_parser(sub)
+
     args = parser.parse_args(argv)
     _setup_logging(os.environ.get("INFERQ_LOG_LEVEL", "INFO"))
     result: int = args.func(args)

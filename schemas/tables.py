@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from typing import Any, cast
 
@@ -26,6 +27,15 @@ BigId = BigInteger().with_variant(Integer(), "sqlite")
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+def plausible_id(value: str) -> bool:
+    """Whether `value` could be one of our ids. Anything else (a NUL byte,
+    which Postgres refuses in text, or 10 kB of junk) is simply not found."""
+    return bool(_ID.match(value))
 
 
 def aware(value: datetime) -> datetime:

@@ -21,7 +21,7 @@ from typing import Any
 
 import redis
 from celery import Celery
-from sqlalchemy import Engine, distinct, func, select, update
+from sqlalchemy import Engine, func, select, update
 
 from api import files_store
 from api.batches import output, store
@@ -249,7 +249,8 @@ class BatchScheduler:
         if not slots:
             return
         waiting = (
-            select(distinct(LINES.c.model))
+            select(LINES.c.model)
+            .distinct()
             .select_from(LINES.join(BATCHES, BATCHES.c.id == LINES.c.batch_id))
             .where(LINES.c.state == b.PENDING, BATCHES.c.status == b.IN_PROGRESS)
         )

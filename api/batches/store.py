@@ -9,13 +9,13 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, distinct, func, insert, select, update
+from sqlalchemy import Engine, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from api.batches.validate import Line
 from schemas import batches as b
 from schemas.tables import BATCH_LINES as LINES
-from schemas.tables import BATCHES, BatchRecord, aware, utcnow
+from schemas.tables import BATCHES, BatchRecord, aware, plausible_id, utcnow
 
 INSERT_ROWS = 1000
 
@@ -42,6 +42,8 @@ def create_batch(db: Engine, *, create: b.BatchCreate) -> BatchRecord:
 
 
 def get_batch(db: Engine, *, batch_id: str) -> BatchRecord | None:
+    if not plausible_id(batch_id):
+        return None
     with Session(db, expire_on_commit=False) as session:
         return session.get(BatchRecord, batch_id)
 
@@ -52,7 +54,7 @@ def list_batches(
     """Newest first; `after` is the id of the last batch of the previous page."""
     query = select(BatchRecord).order_by(BatchRecord.created_at.desc(), BatchRecord.id.desc())
     with Session(db, expire_on_commit=False) as session:
-        if after is not None:
+        if after is not None and plausible_id(after):
             anchor = session.get(BatchRecord, after)
             if anchor is not None:
                 query = query.where(
@@ -177,5 +179,6 @@ def request_cancel(db: Engine, *, batch_id: str) -> bool:
 def batch_models(db: Engine, *, batch_id: str) -> list[str]:
     """The models a batch's lines run on."""
     with db.connect() as conn:
-        rows = conn.execute(select(distinct(LINES.c.model)).where(LINES.c.batch_id == batch_id))
+        query = select(LINES.c.model).distinct().where(LINES.c.batch_id == batch_id)
+        rows = conn.execute(query)
         return [r[0] for r in rows if r[0]]

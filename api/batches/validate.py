@@ -159,6 +159,14 @@ def parse(raw_lines: Iterable[bytes], endpoint: str, reader: LineReader) -> Pars
         if not isinstance(custom_id, str) or not custom_id:
             parsed.error(number, "missing_custom_id", "custom_id must be a non-empty string")
             continue
+        if "\x00" in custom_id or len(custom_id) > 512:
+            parsed.error(
+                number,
+                "invalid_custom_id",
+                "custom_id may hold at most 512 characters and no NUL",
+                "custom_id",
+            )
+            continue
         if custom_id in seen:
             parsed.error(
                 number, "duplicate_custom_id", f"custom_id {custom_id!r} appears twice", "custom_id"
@@ -186,7 +194,7 @@ def parse(raw_lines: Iterable[bytes], endpoint: str, reader: LineReader) -> Pars
             parsed.lines.append(Line(index, custom_id, request_id, model, job))
         except APIError as exc:
             named = body.get("model")
-            model = named[:255] if isinstance(named, str) else ""
+            model = named.replace("\x00", "")[:255] if isinstance(named, str) else ""
             parsed.lines.append(Line(index, custom_id, request_id, model, None, _line_error(exc)))
         index += 1
     if not parsed.lines and not parsed.errors:

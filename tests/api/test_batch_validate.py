@@ -73,6 +73,7 @@ def test_structural_problems_fail_the_batch(tmp_path: Path) -> None:
         json.dumps({"custom_id": "u", "method": "GET", "url": CHAT, "body": {}}).encode(),
         json.dumps({"custom_id": "v", "method": "POST", "url": "/v1/x", "body": {}}).encode(),
         json.dumps({"method": "POST", "url": CHAT, "body": {}}).encode(),
+        _line("nul\x00byte"),
     ]
     parsed = parse(raw, CHAT, _reader(tmp_path))
     assert [(e["line"], e["code"]) for e in parsed.errors] == [
@@ -82,6 +83,7 @@ def test_structural_problems_fail_the_batch(tmp_path: Path) -> None:
         (5, "invalid_method"),
         (6, "mismatched_url"),
         (7, "missing_custom_id"),
+        (8, "invalid_custom_id"),
     ]
     assert reported(parsed.errors)["object"] == "list"
 

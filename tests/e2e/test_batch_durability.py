@@ -139,6 +139,18 @@ def _max_attempts(stack: Durable) -> int:
 
 def test_worker_killed_mid_batch(durable: Durable) -> None:
     def kill_worker(stack: Durable) -> None:
+        # While it holds lines (the tiny model finishes a chunk in a blink).
+        engine = create_engine(stack.env["DATABASE_URL"])
+        query = text("SELECT count(*) FROM batch_lines WHERE state = 'running'")
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                with engine.connect() as conn:
+                    if conn.execute(query).scalar_one():
+                        break
+                assert time.monotonic() < deadline, "the worker never held a line"
+        finally:
+            engine.dispose()
         stack.procs["worker"].send_signal(signal.SIGKILL)
         stack.procs["worker"].wait(10)
         stack.start("worker", ["worker", "--model", "tiny"])

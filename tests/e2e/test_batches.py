@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import httpx
 import openai
 import pytest
 
@@ -130,6 +131,10 @@ def test_create_rejects_bad_requests(stack: Stack) -> None:
         client.batches.retrieve("batch_nope")
     with pytest.raises(openai.NotFoundError):
         client.batches.cancel("batch_nope")
+    # Ids Postgres could not even compare (a NUL byte) are just not found.
+    assert httpx.get(stack.url + "/v1/batches/a%00b").status_code == 404
+    assert httpx.get(stack.url + "/v1/files/a%00b").status_code == 404
+    assert httpx.get(stack.url + "/v1/batches", params={"after": "a\x00b"}).status_code == 200
 
 
 def test_cancel_keeps_finished_lines(stack: Stack) -> None:
