@@ -32,6 +32,11 @@ BATCH_SCHEDULER_LOCK = f"{PREFIX}:batch-scheduler"
 BATCH_CANCEL_PREFIX = "batch:"
 
 
+def batch_cancel_message(batch_id: str) -> str:
+    """What goes on a model's cancel channel to cancel a batch's lines."""
+    return BATCH_CANCEL_PREFIX + batch_id
+
+
 def stream_channel(request_id: str) -> str:
     """Pub/sub channel a worker publishes a request's events on."""
     return f"{PREFIX}:stream:{request_id}"

@@ -18,7 +18,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlalchemy import Engine, bindparam, insert, update
 
@@ -27,12 +27,10 @@ from schemas.events import Done, Embeddings, ErrorEvent
 from schemas.jobs import EmbedJob, GenerateJob
 from schemas.tables import BATCH_LINES as LINES
 from schemas.tables import USAGE, utcnow
+from workers.embed_service import EmbedRuntime, InputError, build_inputs, make_answer
 from workers.engine.embedding import EmbedRequest
 from workers.engine.types import BULK, EngineRequest
-
-if TYPE_CHECKING:
-    from workers.embed_service import EmbedRuntime
-    from workers.service import WorkerRuntime
+from workers.service import Rejected, WorkerRuntime, prepare
 
 log = logging.getLogger(__name__)
 
@@ -158,8 +156,6 @@ class BulkRunner:
         )
 
     def _start_generate(self, held: Held, job: GenerateJob) -> None:
-        from workers.service import Rejected, prepare
-
         held.endpoint = job.endpoint
         if self.runtime is None:
             self._unsupported(held, "text generation")
@@ -182,8 +178,6 @@ class BulkRunner:
         self.runtime.engine.submit(request)
 
     def _start_embed(self, held: Held, job: EmbedJob) -> None:
-        from workers.embed_service import InputError, build_inputs
-
         held.endpoint = "rerank" if job.kind == "rerank" else "embeddings"
         if self.embed_runtime is None:
             self._unsupported(held, held.endpoint)
@@ -267,8 +261,6 @@ class BulkRunner:
         if outcome.state != b.DONE or outcome.result is not None:
             return
         if held.embed is not None and isinstance(held.request, EmbedRequest):
-            from workers.embed_service import make_answer
-
             job, inputs, pairs = held.embed
             answer = make_answer(job, held.request, inputs, pairs)
             outcome.prompt_tokens = answer.prompt_tokens

@@ -21,7 +21,7 @@ from typing import Any
 
 import redis
 from celery import Celery
-from sqlalchemy import Engine, func, select, update
+from sqlalchemy import Engine, bindparam, func, select, update
 
 from api import files_store
 from api.batches import output, store
@@ -165,7 +165,7 @@ class BatchScheduler:
     def _announce(self, batch_id: str) -> None:
         """Workers drop the batch's lines that have not reached a slot yet."""
         for model in store.batch_models(self.db, batch_id=batch_id):
-            self.redis.publish(keys.cancel_channel(model), keys.BATCH_CANCEL_PREFIX + batch_id)
+            self.redis.publish(keys.cancel_channel(model), keys.batch_cancel_message(batch_id))
 
     def _cancel_lines(self, batch_id: str) -> None:
         with self.db.begin() as conn:
@@ -289,14 +289,17 @@ class BatchScheduler:
                 .with_for_update(of=LINES, skip_locked=True)
             )
             lease = utcnow() + timedelta(seconds=self.settings.batch_lease)
+            queue = (
+                update(LINES)
+                .where(
+                    LINES.c.batch_id == bindparam("b_batch"), LINES.c.line == bindparam("b_line")
+                )
+                .values(state=b.QUEUED, chunk=chunk, lease_until=lease)
+            )
             with self.db.begin() as conn:
                 picked = conn.execute(pick).all()
-                for batch_id, line in picked:
-                    conn.execute(
-                        update(LINES)
-                        .where(LINES.c.batch_id == batch_id, LINES.c.line == line)
-                        .values(state=b.QUEUED, chunk=chunk, lease_until=lease)
-                    )
+                if picked:
+                    conn.execute(queue, [{"b_batch": bid, "b_line": line} for bid, line in picked])
             if not picked:
                 return
             # Sent after the commit: if this process dies in between, the

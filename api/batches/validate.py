@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from api.catalog import pick_model, require_feature
 from api.errors import APIError, describe_validation
 from api.serving.requests import chat_job, completion_job, embedding_job, rerank_job
 from schemas import batches as b
@@ -78,25 +79,10 @@ class LineReader:
     def _model(self, name: object) -> str:
         if name is not None and not isinstance(name, str):
             raise APIError(400, "model must be a string", param="model")
-        if isinstance(name, str) and name in self.names:
-            return name
-        if len(self.names) == 1:
-            return next(iter(self.names))
-        if name is None:
-            raise APIError(400, "you must provide a model parameter", param="model")
-        raise APIError(
-            404, f"The model '{name}' does not exist", code="model_not_found", param="model"
-        )
+        return pick_model(name, self.names)
 
-    def _require(self, model: str, feature: str, enabled: Callable[[Any], bool]) -> None:
-        config = self.registry.models.get(model)
-        if config is not None and not enabled(config):
-            raise APIError(
-                400,
-                f"model '{model}' does not serve {feature}",
-                code="unsupported_model",
-                param="model",
-            )
+    def _require(self, model: str, feature: str) -> None:
+        require_feature(self.registry.models.get(model), model, feature)
 
     def _validate(self, model_type: type[BaseModel], body: dict[str, Any]) -> Any:
         try:
@@ -111,22 +97,22 @@ class LineReader:
             raise APIError(400, "a batch line cannot be streamed", param="stream")
         model = self._model(body.get("model"))
         if self.kind == "chat":
-            self._require(model, "text generation", lambda c: c.generates)
+            self._require(model, "text generation")
             chat = self._validate(ChatCompletionRequest, body)
             return model, b.line_job("generate", chat_job(chat, model).model_dump(mode="json"), {})
         if self.kind == "completions":
-            self._require(model, "text generation", lambda c: c.generates)
+            self._require(model, "text generation")
             completion = self._validate(CompletionRequest, body)
             payload = completion_job(completion, model).model_dump(mode="json")
             return model, b.line_job("generate", payload, {})
         if self.kind == "embeddings":
-            self._require(model, "embeddings", lambda c: c.embeddings)
+            self._require(model, "embeddings")
             embed = self._validate(EmbeddingRequest, body)
             job = embedding_job(embed, model, self.registry.models.get(model))
             options = {"encoding_format": embed.encoding_format, "dimensions": embed.dimensions}
             payload = job.model_dump(mode="json")
             return model, b.line_job("embed", payload, options)
-        self._require(model, "rerank", lambda c: c.reranking)
+        self._require(model, "rerank")
         rerank = self._validate(RerankRequest, body)
         options = {
             "top_n": rerank.top_n,

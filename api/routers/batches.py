@@ -96,6 +96,6 @@ async def cancel_batch(
     # Workers drop the lines they hold that have not started.
     models = await run_in_threadpool(store.batch_models, db, batch_id=batch_id)
     for model in models:
-        await redis.publish(keys.cancel_channel(model), keys.BATCH_CANCEL_PREFIX + batch_id)
+        await redis.publish(keys.cancel_channel(model), keys.batch_cancel_message(batch_id))
     _wake(request)
     return await run_in_threadpool(_object, db, batch_id)

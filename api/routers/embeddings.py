@@ -5,9 +5,9 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from api.catalog import Catalog
+from api.catalog import Catalog, require_feature
 from api.deps import CatalogDep, RunnerDep
-from api.errors import APIError, from_event
+from api.errors import from_event
 from api.serving.embedding_bodies import VectorResponse, embedding_body, rerank_body
 from api.serving.jobs import ClientGone, JobRunner, unless_disconnected
 from api.serving.requests import embedding_job, new_request_id, rerank_job
@@ -20,16 +20,7 @@ router = APIRouter(tags=["embeddings"])
 
 async def _model(catalog: Catalog, name: str | None, request: Request, feature: str) -> str:
     model = await catalog.require(name, authorization=request.headers.get("authorization"))
-    config = catalog.registry.models.get(model)
-    enabled = config is None or (config.embeddings if feature == "embeddings" else config.reranking)
-    if not enabled:
-        setting = "embeddings" if feature == "embeddings" else "reranking"
-        raise APIError(
-            400,
-            f"model '{model}' does not serve {feature} (its config would need `{setting}: true`)",
-            code="unsupported_model",
-            param="model",
-        )
+    require_feature(catalog.registry.models.get(model), model, feature)
     return model
 
 
