@@ -78,6 +78,9 @@ class Server:
     #: Signal for a graceful shutdown: SIGTERM for Redis, SIGINT for Postgres
     #: (its "fast" shutdown: aborts open sessions instead of waiting for them).
     stop_signal: int = signal.SIGTERM
+    #: Where the binaries were found (PATH or a wheel); ``executable`` may be
+    #: a staged copy of them that the unprivileged user can reach.
+    origin: Path | None = None
 
     def stop(self) -> None:
         """Shut the server down and remove its temp dir; safe to call twice."""
@@ -441,6 +444,9 @@ def start_postgres(*, prefer_wheel: bool = False) -> Server:
         )
     started = time.monotonic()
     run_as = _unprivileged()
+    origin = bindir
+    if not _reachable(bindir, run_as):
+        bindir = _staged(bindir)
     workdir = _make_workdir("inferq-pg-")
     datadir = workdir / "data"
     logfile = workdir / "postgres.log"
@@ -482,10 +488,53 @@ def start_postgres(*, prefer_wheel: bool = False) -> Server:
         process=proc,
         workdir=workdir,
         stop_signal=signal.SIGINT,  # "fast" shutdown, like pg_ctl stop -m fast
+        origin=origin,
     )
     _LIVE[proc.pid] = server
     log.info("started postgres %s on port %d in %.2fs", bindir, port, time.monotonic() - started)
     return server
+
+
+def _reachable(bindir: Path, run_as: _RunAs) -> bool:
+    """Whether the account that runs Postgres can execute the binaries: as
+    root it is `nobody`, which cannot reach a virtual environment inside a
+    private directory (a checkout in root's 0700 home is the common case)."""
+    if run_as.uid is None:
+        return True
+    probe = subprocess.run(
+        ["/bin/sh", "-c", 'test -x "$1/initdb" && test -r "$1/../share"', "-", str(bindir)],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        timeout=START_TIMEOUT_S,
+        check=False,
+        user=run_as.uid,
+        group=run_as.gid,
+        extra_groups=run_as.extra_groups,
+    )
+    return probe.returncode == 0
+
+
+@functools.cache
+def _staged(bindir: Path) -> Path:
+    """A world-readable copy of a Postgres install (the bin directory's
+    parent, which holds lib/ and share/ too), made once per test process and
+    removed at exit. A wheel's install finds its shared libraries through an
+    RPATH relative to itself (pgserver: `$ORIGIN/../../../pgserver.libs`), so
+    the copy keeps the package layout and the `*.libs` directories beside it."""
+    install = bindir.parent
+    package = install.parent
+    stage = _make_workdir("inferq-pginstall-")
+    target = stage / package.name / install.name
+    shutil.copytree(install, target, symlinks=True)
+    for libs in package.parent.glob(f"{package.name}*.libs"):
+        shutil.copytree(libs, stage / libs.name, symlinks=True)
+    for path in [stage, *stage.rglob("*")]:
+        if not path.is_symlink():
+            mode = path.stat().st_mode
+            path.chmod(mode | 0o444 | (0o111 if path.is_dir() or mode & 0o100 else 0))
+    atexit.register(shutil.rmtree, stage, ignore_errors=True)
+    log.info("staged %s at %s for the unprivileged user", install, target)
+    return target / bindir.name
 
 
 def _initdb(bindir: Path, datadir: Path, *, workdir: Path, logfile: Path, run_as: _RunAs) -> None:

@@ -34,8 +34,9 @@ def _wheel_dir(package: str) -> Path | None:
 
 
 def _check_variant(server: Server, *, prefer_wheel: bool, wheel: Path) -> None:
-    inside_wheel = server.executable.resolve().is_relative_to(wheel)
-    assert inside_wheel is prefer_wheel, f"{server.kind} used {server.executable}"
+    origin = server.origin or server.executable
+    inside_wheel = origin.resolve().is_relative_to(wheel)
+    assert inside_wheel is prefer_wheel, f"{server.kind} used {origin}"
 
 
 def _assert_stopped(server: Server) -> None:
@@ -106,4 +107,34 @@ def test_postgres(prefer_wheel: bool) -> None:
         assert engine.dialect.driver == "psycopg"
         assert str(version)[:2].isdigit()  # e.g. "15.x" or "16.x"
 
+    _assert_stopped(server)
+
+
+def test_postgres_wheel_behind_a_private_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A checkout in root's 0700 home: the unprivileged user that runs
+    Postgres cannot reach the wheel inside the virtual environment, so the
+    install is staged where it can (as root); otherwise it runs in place."""
+    wheel = _wheel_dir("pgserver")
+    if wheel is None:
+        pytest.skip("pgserver wheel not installed")
+    private = tmp_path / "home"
+    (private / "site" / "pgserver").mkdir(parents=True)
+    private.chmod(0o700)
+    (private / "site" / "pgserver" / "pginstall").symlink_to(wheel / "pginstall")
+    for libs in wheel.parent.glob("pgserver*.libs"):
+        (private / "site" / libs.name).symlink_to(libs)
+    bindir = private / "site" / "pgserver" / "pginstall" / "bin"
+    monkeypatch.setattr("tests.servers._pg_in_wheel", lambda: bindir)
+    with start_postgres(prefer_wheel=True) as server:
+        assert server.origin == bindir
+        if os.geteuid() == 0:
+            assert not server.executable.is_relative_to(private)
+        engine = sa.create_engine(server.url)
+        try:
+            with engine.connect() as conn:
+                assert conn.execute(sa.text("SELECT 1")).scalar_one() == 1
+        finally:
+            engine.dispose()
     _assert_stopped(server)
