@@ -25,9 +25,12 @@ class LiveWorker:
 
 
 class Catalog:
-    def __init__(self, registry: Registry, client: aioredis.Redis) -> None:
+    def __init__(
+        self, registry: Registry, client: aioredis.Redis, *, default_model: str | None = None
+    ) -> None:
         self.registry = registry
         self._client = client
+        self.default_model = default_model
         self._cached_at = 0.0
         self._workers: list[LiveWorker] = []
 
@@ -51,22 +54,83 @@ class Catalog:
         live = {w.model for w in await self.live_workers()}
         return sorted(set(self.registry.models) | live)
 
-    async def require(self, name: str | None, *, authorization: str | None = None) -> str:
+    async def require(
+        self,
+        name: str | None,
+        *,
+        authorization: str | None = None,
+        feature: str | None = None,
+    ) -> str:
         """The model a request names, or the OpenAI 400/404. As LocalAI does, a
-        request without a model may name one as its bearer token."""
+        request without a model may name one as its bearer token. With a
+        `feature`, a name no model has reaches the one model that serves that
+        feature, when there is exactly one; a model that exists but does not
+        serve it is a 400 `unsupported_model`."""
         names = await self.names()
         if name is None and authorization and authorization.lower().startswith("bearer "):
             token = authorization[7:].strip()
             if token in names:
                 name = token
-        return pick_model(name, names)
+        if feature is None:
+            return pick_model(name, names)
+        model = pick_model(name, names, capable_models(self.registry, names, feature))
+        require_feature(self.registry.models.get(model), model, feature)
+        return model
+
+    async def default(self, feature: str) -> str:
+        """The model of llama-server's model-less routes: INFERQ_DEFAULT_MODEL
+        for text generation when set, else the first model serving `feature`
+        that has a live worker, else the first one configured."""
+        names = await self.names()
+        if feature == GENERATION and self.default_model:
+            # A default that names no model is a 404, not a queue nobody reads.
+            return pick_model(self.default_model, names)
+        capable = capable_models(self.registry, names, feature)
+        live = {w.model for w in await self.live_workers()}
+        for candidate in capable:
+            if candidate in live:
+                return candidate
+        if capable:
+            return capable[0]
+        raise APIError(404, f"no model serves {feature}", code="model_not_found", param="model")
 
 
-def pick_model(name: str | None, names: Collection[str]) -> str:
-    """The model serving `name` among `names` (with exactly one model, any
-    name), or the OpenAI 400/404."""
+GENERATION = "text generation"
+
+
+def capable_models(registry: Registry, names: Collection[str], feature: str) -> list[str]:
+    """The models among `names` that serve `feature`, in order. A model known
+    only from a live worker (no config here) counts as a text-generation model."""
+    _, enabled = _FEATURES[feature]
+    out = []
+    for name in names:
+        config = registry.models.get(name)
+        if (config is None and feature == GENERATION) or (config is not None and enabled(config)):
+            out.append(name)
+    return out
+
+
+def route_model(
+    name: str | None, registry: Registry, live_models: Collection[str], feature: str
+) -> str:
+    """Catalog.require for callers without a catalog (batch validation): the
+    model `name` reaches on a route serving `feature`, or the 400/404."""
+    names = sorted(set(registry.models) | set(live_models))
+    model = pick_model(name, names, capable_models(registry, names, feature))
+    require_feature(registry.models.get(model), model, feature)
+    return model
+
+
+def pick_model(
+    name: str | None, names: Collection[str], capable: Collection[str] | None = None
+) -> str:
+    """The model serving `name` among `names`, or the OpenAI 400/404. LocalAI's
+    rule: a name no model has reaches the one model that can serve the route
+    (`capable`, when given and exactly one), or the only model there is."""
     if name is not None and name in names:
         return name
+    if capable is not None and len(capable) == 1:
+        return next(iter(capable))
     if len(names) == 1:
         return next(iter(names))
     if name is None:
@@ -76,7 +140,7 @@ def pick_model(name: str | None, names: Collection[str]) -> str:
 
 # What a model's config must enable for each feature, and the setting to name.
 _FEATURES: dict[str, tuple[str | None, Callable[[ModelConfig], bool]]] = {
-    "text generation": (None, lambda c: c.generates),
+    GENERATION: (None, lambda c: c.generates),
     "embeddings": ("embeddings", lambda c: c.embeddings),
     "rerank": ("reranking", lambda c: c.reranking),
 }

@@ -8,6 +8,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from schemas.events import ErrorEvent
@@ -40,6 +41,7 @@ class APIError(Exception):
         code: str | None = None,
         type: str | None = None,
         param: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         default_type, default_code = _STATUS_TYPES.get(status, ("server_error", "internal_error"))
@@ -48,12 +50,24 @@ class APIError(Exception):
         self.code = code or default_code
         self.type = type or default_type
         self.param = param
+        # Retry-After on a 503 that says "not now" (backpressure).
+        self.headers = headers
 
     def response(self) -> JSONResponse:
         return JSONResponse(
             error_body(self.message, type=self.type, code=self.code, param=self.param),
             status_code=self.status,
+            headers=self.headers,
         )
+
+
+class APIHTTPError(StarletteHTTPException):
+    """An APIError raised where FastAPI only lets HTTP exceptions through
+    (while it reads the request body: anything else becomes a bare 400)."""
+
+    def __init__(self, error: APIError) -> None:
+        super().__init__(error.status, error.message)
+        self.error = error
 
 
 def from_event(event: ErrorEvent) -> APIError:
@@ -63,17 +77,30 @@ def from_event(event: ErrorEvent) -> APIError:
     )
 
 
+# pydantic names the member of a union it tried in `loc` ("str",
+# "list[int]", "function-after[...]"): not a parameter name.
+_TYPE_PARTS = frozenset({"str", "int", "float", "bool", "list", "dict", "tuple", "none"})
+
+
+def _is_type_part(part: str) -> bool:
+    return part in _TYPE_PARTS or "[" in part or part.startswith("constrained-")
+
+
 def describe_validation(errors: list[Any]) -> tuple[str, str | None]:
     parts = []
     param = None
     for err in errors:
+        if err.get("type") == "json_invalid":
+            # The position FastAPI reports is not a parameter.
+            msg = "the request body is not valid JSON"
+            detail = (err.get("ctx") or {}).get("error")
+            parts.append(f"{msg} ({detail})" if detail else msg)
+            continue
         loc = [str(p) for p in err.get("loc", ()) if p != "body"]
-        where = ".".join(loc)
+        where = ".".join(p for p in loc if not _is_type_part(p))
         if param is None and where:
             param = where
         msg = err.get("msg", "invalid value")
-        if err.get("type") == "json_invalid":
-            msg = "the request body is not valid JSON"
         parts.append(f"{where}: {msg}" if where else msg)
     return "; ".join(parts) or "invalid request", param
 
@@ -91,7 +118,23 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return APIError(exc.status_code, str(exc.detail)).response()
+        if isinstance(exc, APIHTTPError):
+            return exc.error.response()
+        headers = dict(exc.headers) if exc.headers else None
+        return APIError(exc.status_code, str(exc.detail), headers=headers).response()
+
+    # An outage is a 503 the client may retry, not a 500: Postgres (files,
+    # batches) refused or dropped the connection. Redis: api/hub.py.
+    @app.exception_handler(OperationalError)
+    @app.exception_handler(InterfaceError)
+    async def _database_down(_: Request, exc: DBAPIError) -> JSONResponse:
+        log.warning("database unavailable: %s", exc.orig if exc.orig is not None else exc)
+        return APIError(
+            503,
+            "the database is unavailable; try again shortly",
+            code="database_unavailable",
+            headers={"Retry-After": "5"},
+        ).response()
 
     @app.exception_handler(Exception)
     async def _unhandled(_: Request, exc: Exception) -> JSONResponse:

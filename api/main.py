@@ -6,17 +6,17 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import redis
-import redis.asyncio as aioredis
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from starlette.concurrency import run_in_threadpool
 
 from api import errors, openapi
 from api.batches.scheduler import BatchScheduler
 from api.catalog import Catalog
-from api.hub import StreamHub
-from api.middleware import AssumeJSONBody
+from api.hub import StreamHub, install_redis_errors
+from api.middleware import AnswerPreflight, AssumeJSONBody, LimitBody, parse_origins
 from api.routers import (
+    apply_template,
     batches,
     embeddings,
     files,
@@ -30,6 +30,7 @@ from api.routers import (
 from api.vocab import VocabCache
 from schemas.db import make_engine
 from schemas.queue import make_celery
+from schemas.redis_client import async_client, sync_client
 from schemas.registry import load_registry
 from schemas.settings import Settings, get_settings
 
@@ -41,15 +42,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        client = aioredis.Redis.from_url(settings.redis_url)
-        hub = StreamHub(client)
+        # Bounded Redis waits: with Redis down a request is a 503 in seconds.
+        client = async_client(settings)
+        hub = StreamHub(client, settings)
         await hub.start()
         registry = load_registry(settings.models_dir)
         celery = make_celery(settings, name="inferq-api")
         app.state.settings = settings
         app.state.redis = client
         app.state.hub = hub
-        app.state.catalog = Catalog(registry, client)
+        app.state.catalog = Catalog(registry, client, default_model=settings.default_model)
         app.state.celery = celery
         app.state.db = make_engine(settings.database_url)
         scheduler = None
@@ -58,7 +60,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 settings,
                 app.state.db,
                 registry,
-                redis.Redis.from_url(settings.redis_url),
+                sync_client(settings),
                 celery,
             )
             scheduler.start()
@@ -78,8 +80,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(title="inferq", version="0.1.0", lifespan=lifespan)
     errors.install(app)
+    install_redis_errors(app)
     openapi.install(app)
-    app.add_middleware(AssumeJSONBody)
+    # Starlette runs the last added outermost: preflight, CORS, the
+    # cross-site and content-type rules, then the body limit.
+    origins = parse_origins(settings.cors_origins)
+    app.add_middleware(LimitBody, limit=settings.max_body_bytes, exempt=("/v1/files",))
+    app.add_middleware(AssumeJSONBody, allowed_origins=origins)
+    if origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_methods=["*"],
+            allow_headers=["*"],
+            expose_headers=["Retry-After"],
+        )
+    app.add_middleware(AnswerPreflight, allowed_origins=origins)
     app.include_router(health.router)
     app.include_router(models.router)
     app.include_router(generation.router)
@@ -89,4 +105,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(vgenerate.router)
     app.include_router(llama_server.router)
     app.include_router(llama_props.router)
+    app.include_router(apply_template.router)
     return app

@@ -33,6 +33,74 @@ _ERRORS = {
 }
 
 
+# OpenAPI links: how one operation's answer feeds the next (an uploaded
+# file's id into a batch, a batch's id into its status and cancel), so that
+# stateful clients and fuzzers (schemathesis) can chain Files and Batches.
+# (source path, method) -> name -> (target path, method, parameters, body).
+_LinkSpec = tuple[str, str, dict[str, str], dict[str, Any] | None]
+_FILE_ID = {"file_id": "$response.body#/id"}
+_BATCH_ID = {"batch_id": "$response.body#/id"}
+_LINKS: dict[tuple[str, str], dict[str, _LinkSpec]] = {
+    ("/v1/files", "post"): {
+        "RetrieveFile": ("/v1/files/{file_id}", "get", _FILE_ID, None),
+        "FileContent": ("/v1/files/{file_id}/content", "get", _FILE_ID, None),
+        "DeleteFile": ("/v1/files/{file_id}", "delete", _FILE_ID, None),
+        "CreateBatch": (
+            "/v1/batches",
+            "post",
+            {},
+            {
+                "input_file_id": "$response.body#/id",
+                "endpoint": "/v1/chat/completions",
+                "completion_window": "24h",
+            },
+        ),
+    },
+    ("/v1/batches", "post"): {
+        "RetrieveBatch": ("/v1/batches/{batch_id}", "get", _BATCH_ID, None),
+        "CancelBatch": ("/v1/batches/{batch_id}/cancel", "post", _BATCH_ID, None),
+    },
+    ("/v1/batches/{batch_id}", "get"): {
+        "OutputFile": (
+            "/v1/files/{file_id}/content",
+            "get",
+            {"file_id": "$response.body#/output_file_id"},
+            None,
+        ),
+        "ErrorFile": (
+            "/v1/files/{file_id}/content",
+            "get",
+            {"file_id": "$response.body#/error_file_id"},
+            None,
+        ),
+        "InputFile": (
+            "/v1/files/{file_id}",
+            "get",
+            {"file_id": "$response.body#/input_file_id"},
+            None,
+        ),
+    },
+}
+
+
+def _add_links(paths: dict[str, Any]) -> None:
+    for (path, method), links in _LINKS.items():
+        source = paths.get(path, {}).get(method)
+        if source is None:
+            continue
+        declared = source["responses"].setdefault("200", {"description": "OK"})
+        for name, (target_path, target_method, parameters, body) in links.items():
+            target = paths.get(target_path, {}).get(target_method)
+            if target is None or "operationId" not in target:
+                continue
+            link: dict[str, Any] = {"operationId": target["operationId"]}
+            if parameters:
+                link["parameters"] = parameters
+            if body is not None:
+                link["requestBody"] = body
+            declared.setdefault("links", {})[name] = link
+
+
 def install(app: FastAPI) -> None:
     def openapi() -> dict[str, Any]:
         if app.openapi_schema:
@@ -52,6 +120,7 @@ def install(app: FastAPI) -> None:
                             "content": {"application/json": {"schema": _ERROR_REF}},
                         },
                     )
+        _add_links(schema.get("paths", {}))
         # FastAPI's validation-error models are never sent.
         components.pop("HTTPValidationError", None)
         components.pop("ValidationError", None)

@@ -6,16 +6,20 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-Input = str | list[str] | list[int] | list[list[int]]
+from schemas.bounds import CheckedBody, PositiveInt32, TokenId
+
+# The number of inputs per request is bounded by a setting
+# (api/serving/requests.py); each token id is an int32.
+Input = str | list[str] | list[TokenId] | list[list[TokenId]]
 
 
-class EmbeddingRequest(BaseModel):
+class EmbeddingRequest(CheckedBody):
     model_config = ConfigDict(extra="allow")
 
     model: str | None = None
     input: Input
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = Field(default=None, ge=1)
+    dimensions: PositiveInt32 | None = None
     user: str | None = None
     truncate: bool = False
 
@@ -40,7 +44,7 @@ class EmbeddingRequest(BaseModel):
         return list(value)  # type: ignore[arg-type]
 
 
-class LlamaEmbeddingRequest(BaseModel):
+class LlamaEmbeddingRequest(CheckedBody):
     """llama-server's /embedding: `content` instead of `input`."""
 
     model_config = ConfigDict(extra="allow")
@@ -61,13 +65,13 @@ class Document(BaseModel):
     text: str
 
 
-class RerankRequest(BaseModel):
+class RerankRequest(CheckedBody):
     model_config = ConfigDict(extra="allow")
 
     model: str | None = None
     query: str = Field(min_length=1)
     documents: list[str | Document] = Field(min_length=1)
-    top_n: int | None = Field(default=None, ge=1)
+    top_n: PositiveInt32 | None = None
     return_documents: bool = True
     truncate: bool = False
 

@@ -45,6 +45,9 @@ class Accepted:
     # settings and the prompt as evaluated, which llama-server echoes back.
     settings: dict[str, Any] | None = None
     prompt: str | None = None
+    # The heartbeat id of the worker running the job: the API watches that
+    # worker's heartbeat and ends the request if it dies (api/serving/watch.py).
+    worker_id: str | None = None
     type: str = "accepted"
 
 

@@ -47,6 +47,19 @@ def cancel_key(request_id: str) -> str:
     return f"{PREFIX}:cancelled:{request_id}"
 
 
+def started_key(request_id: str) -> str:
+    """Set (NX) by the worker that starts a job: a second copy of the message
+    (Celery puts a running job's message back when the consumer loses its
+    connection) finds it set and is dropped instead of run twice."""
+    return f"{PREFIX}:started:{request_id}"
+
+
+# The value of a cancel key whose job the API queued again under a new id (its
+# worker died before the client got anything): a worker drops such a copy
+# without a usage row.
+CANCEL_REQUEUED = b"requeued"
+
+
 def cancel_channel(model: str) -> str:
     """Pub/sub channel the API announces cancelled request ids on; every worker
     of the model listens and stops the request within one decode step."""

@@ -8,7 +8,23 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from schemas.bounds import (
+    Bias,
+    CheckedBody,
+    Float32,
+    Int32,
+    LogprobCount,
+    MinusOneInt32,
+    NonNegInt32,
+    Penalty,
+    PositiveFloat32,
+    Probability,
+    Seed,
+    TokenId,
+    token_key,
+)
 from schemas.jobs import InfillChunk, InfillInput, SamplingOptions
+from schemas.openai import ChatMessage, Tool
 
 # llama-server's default sampler order and every name it accepts. inferq runs
 # penalties, top_k, typ_p, top_p, min_p, temperature and infill; the others
@@ -56,9 +72,8 @@ _SAMPLER_CHARS = {
 }
 # llama.cpp's "random seed" values.
 _RANDOM_SEEDS = (-1, 0xFFFFFFFF)
-_INT32 = 2**31 - 1
 
-Parts = list[int | str]
+Parts = list[TokenId | str]
 
 
 def sampler_names(value: list[str] | str) -> list[str]:
@@ -75,7 +90,7 @@ def sampler_names(value: list[str] | str) -> list[str]:
     return names
 
 
-class LlamaOptions(BaseModel):
+class LlamaOptions(CheckedBody):
     """The generation options /completion and /infill share. Fields
     llama-server documents that inferq does not implement (n_indent, dry_*,
     xtc_*, dynatemp_*, t_max_predict_ms, lora, ...) are accepted and ignored."""
@@ -83,38 +98,48 @@ class LlamaOptions(BaseModel):
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     model: str | None = None
-    n_predict: int = Field(default=-1, ge=-1, le=_INT32)
-    max_tokens: int | None = Field(default=None, ge=-1, le=_INT32)
+    n_predict: MinusOneInt32 = -1
+    max_tokens: MinusOneInt32 | None = None
     # inferq never shifts the context (it stops when a slot is full), so
     # n_keep has nothing to keep; it is echoed in generation_settings.
-    n_keep: int = Field(default=0, ge=-1, le=_INT32)
+    n_keep: MinusOneInt32 = 0
     stream: bool = False
     stop: list[str] | str | None = None
     # Negative: greedy, as in llama-server.
-    temperature: float | None = None
-    top_k: int | None = Field(default=None, ge=-_INT32, le=_INT32)
-    top_p: float | None = Field(default=None, ge=0.0, le=1.0)
-    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
-    typical_p: float | None = Field(default=None, ge=0.0, le=1.0)
-    repeat_penalty: float | None = Field(default=None, gt=0.0)
-    repeat_last_n: int | None = Field(default=None, ge=-1, le=_INT32)
+    temperature: Float32 | None = None
+    top_k: Int32 | None = None
+    top_p: Probability | None = None
+    min_p: Probability | None = None
+    typical_p: Probability | None = None
+    repeat_penalty: PositiveFloat32 | None = None
+    repeat_last_n: MinusOneInt32 | None = None
     # Accepted without effect, as in current llama.cpp.
     penalize_nl: bool = False
-    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
-    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
     mirostat: Literal[0, 1, 2] | None = None
-    mirostat_tau: float | None = Field(default=None, gt=0.0)
-    mirostat_eta: float | None = Field(default=None, gt=0.0)
+    mirostat_tau: PositiveFloat32 | None = None
+    mirostat_eta: PositiveFloat32 | None = None
     grammar: str | None = None
     json_schema: dict[str, Any] | None = None
-    seed: int | None = None
+    seed: Seed | None = None
     ignore_eos: bool = False
-    logit_bias: list[tuple[int | str, float | bool]] | dict[str, float | bool] | None = None
-    n_probs: int = Field(default=0, ge=0, le=20)
-    min_keep: int = Field(default=0, ge=0, le=_INT32)
-    id_slot: int = Field(default=-1, ge=-1, le=_INT32)
+    logit_bias: list[tuple[TokenId | str, Bias]] | dict[str, Bias] | None = None
+    n_probs: LogprobCount = 0
+    min_keep: NonNegInt32 = 0
+    id_slot: MinusOneInt32 = -1
     cache_prompt: bool = True
     samplers: list[str] | str | None = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_keys_in_range(
+        cls, value: list[tuple[int | str, float | bool]] | dict[str, float | bool] | None
+    ) -> list[tuple[int | str, float | bool]] | dict[str, float | bool] | None:
+        if isinstance(value, dict):
+            for key in value:
+                token_key(key)  # an integer key out of int32 is a ValueError
+        return value
 
     @field_validator("samplers")
     @classmethod
@@ -132,9 +157,11 @@ class LlamaOptions(BaseModel):
         if self.logit_bias is None:
             return []
         if isinstance(self.logit_bias, dict):
-            pairs: list[tuple[int | str, float | bool]] = [
-                (int(k) if k.lstrip("-").isdigit() else k, v) for k, v in self.logit_bias.items()
-            ]
+            # llama-server: a key that is not an integer is text to tokenize.
+            pairs: list[tuple[int | str, float | bool]] = []
+            for key, bias in self.logit_bias.items():
+                token = token_key(key)
+                pairs.append((key if token is None else token, bias))
         else:
             pairs = list(self.logit_bias)
         # llama-server skips a bias of `true`: only numbers and `false` count.
@@ -184,7 +211,7 @@ class CompletionRequest(LlamaOptions):
     """POST /completion. `prompt`: a string, token ids, or both mixed; a list
     holding one such list is that prompt (several prompts are not supported)."""
 
-    prompt: str | list[int | str | list[int | str]] = ""
+    prompt: str | list[TokenId | str | list[TokenId | str]] = ""
 
     @field_validator("prompt")
     @classmethod
@@ -240,7 +267,7 @@ class InfillRequest(LlamaOptions):
         )
 
 
-class TokenizeRequest(BaseModel):
+class TokenizeRequest(CheckedBody):
     model_config = ConfigDict(extra="allow")
 
     model: str | None = None
@@ -253,11 +280,11 @@ class TokenizeRequest(BaseModel):
         return [self.content] if isinstance(self.content, str) else list(self.content)
 
 
-class DetokenizeRequest(BaseModel):
+class DetokenizeRequest(CheckedBody):
     model_config = ConfigDict(extra="allow")
 
     model: str | None = None
-    tokens: list[int] = Field(default_factory=list)
+    tokens: list[TokenId] = Field(default_factory=list)
 
 
 # What POST /props may set: the defaults of /completion and /infill.
@@ -284,3 +311,14 @@ WRITABLE_PROPS = frozenset(
         "n_probs",
     }
 )
+
+
+class ApplyTemplateRequest(CheckedBody):
+    """POST /apply-template: the prompt the model's chat template makes of
+    `messages` (and `tools`), as the worker would render it."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    tools: list[Tool] | None = None

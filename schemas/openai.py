@@ -3,10 +3,28 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from schemas.bounds import (
+    Bias,
+    CheckedBody,
+    Int32,
+    LengthPenalty,
+    LogprobCount,
+    MinusOneInt32,
+    NonNegFloat32,
+    NonNegInt32,
+    Penalty,
+    PositiveFloat32,
+    PositiveInt32,
+    Probability,
+    Seed,
+    TokenId,
+    Width,
+    token_key,
+)
 from schemas.jobs import Message, SamplingOptions
 
 
@@ -141,51 +159,58 @@ class ResponseFormat(BaseModel):
         return self.schema_ or {}
 
 
-LogitBias = dict[str, float | bool] | list[tuple[int | str, float | bool]]
+LogitBias = dict[str, Bias] | list[tuple[TokenId | str, Bias]]
 
 
-class _SamplingRequest(BaseModel):
+class _SamplingRequest(CheckedBody):
     """Fields the OpenAI and llama.cpp clients send on both endpoints (llama-server's
     extras included). Unknown fields are accepted and ignored, as
     OpenAI-compatible servers do."""
 
-    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    model_config = ConfigDict(extra="allow", populate_by_name=True, allow_inf_nan=False)
 
     model: str | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    max_tokens: int | None = Field(default=None, ge=1)
-    n_predict: int | None = Field(default=None, ge=-1)
-    temperature: float | None = Field(default=None, ge=0.0)
-    top_p: float | None = Field(default=None, ge=0.0, le=1.0)
-    top_k: int | None = None
-    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
-    typical_p: float | None = Field(default=None, ge=0.0, le=1.0)
-    min_keep: int | None = Field(default=None, ge=0)
-    repeat_penalty: float | None = Field(default=None, gt=0.0)
-    repeat_last_n: int | None = Field(default=None, ge=-1)
-    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
-    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    max_tokens: PositiveInt32 | None = None
+    n_predict: MinusOneInt32 | None = None
+    temperature: NonNegFloat32 | None = None
+    top_p: Probability | None = None
+    top_k: Int32 | None = None
+    min_p: Probability | None = None
+    typical_p: Probability | None = None
+    min_keep: NonNegInt32 | None = None
+    repeat_penalty: PositiveFloat32 | None = None
+    repeat_last_n: MinusOneInt32 | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
     mirostat: Literal[0, 1, 2] | None = None
-    mirostat_tau: float | None = Field(default=None, gt=0.0)
-    mirostat_eta: float | None = Field(default=None, gt=0.0)
-    seed: int | None = None
+    mirostat_tau: PositiveFloat32 | None = None
+    mirostat_eta: PositiveFloat32 | None = None
+    seed: Seed | None = None
+    # Count and length are bounded by settings (api/serving/requests.py).
     stop: str | list[str] | None = None
     logit_bias: LogitBias | None = None
     grammar: str | None = None
     json_schema: dict[str, Any] | None = None
     response_format: ResponseFormat | None = None
-    n_probs: int | None = Field(default=None, ge=0, le=20)
+    n_probs: LogprobCount | None = None
     ignore_eos: bool = False
     cache_prompt: bool = True
-    n: int = Field(default=1, ge=1, le=64)
+    n: Width = 1
     user: str | None = None
 
-    @field_validator("stop")
+    @field_validator("logit_bias")
     @classmethod
-    def _stop_list(cls, value: str | list[str] | None) -> str | list[str] | None:
-        if isinstance(value, list) and len(value) > 16:
-            raise ValueError("at most 16 stop sequences")
+    def _token_id_keys(cls, value: LogitBias | None) -> LogitBias | None:
+        # OpenAI's form maps token ids (integers as strings) to biases; text
+        # biases (a llama.cpp extra) take the list form [["text", bias]].
+        if isinstance(value, dict):
+            for key in value:
+                if token_key(key) is None:
+                    raise ValueError(
+                        f"keys must be token ids written as integers, not {key[:40]!r}"
+                    )
         return value
 
     def stop_list(self) -> list[str]:
@@ -206,9 +231,8 @@ class _SamplingRequest(BaseModel):
             return []
         if isinstance(self.logit_bias, dict):
             # OpenAI keys are token ids as strings; llama.cpp also allows text.
-            return [
-                (int(k) if k.lstrip("-").isdigit() else k, v) for k, v in self.logit_bias.items()
-            ]
+            # Keys were checked to be ASCII integers (_token_id_keys).
+            return [(int(k), v) for k, v in self.logit_bias.items()]
         return list(self.logit_bias)
 
     def output_schema(self) -> dict[str, Any] | None:
@@ -250,9 +274,9 @@ class _SamplingRequest(BaseModel):
 
 class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: PositiveInt32 | None = None
     logprobs: bool = False
-    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    top_logprobs: LogprobCount | None = None
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
@@ -295,7 +319,7 @@ class ChatCompletionRequest(_SamplingRequest):
 
 class CompletionRequest(_SamplingRequest):
     prompt: str | list[str]
-    logprobs: int | None = Field(default=None, ge=0, le=20)
+    logprobs: LogprobCount | None = None
 
     def token_limit(self) -> int | None:
         # OpenAI's default for legacy completions is 16 tokens.
@@ -330,32 +354,33 @@ class EditRequest(_SamplingRequest):
         return value
 
 
-class GenerateRequest(BaseModel):
+class GenerateRequest(CheckedBody):
     """/v1/generate: vLLM's sampling parameters, with their defaults; the
     prompt comes already formatted, or as messages for the chat template."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     stream: bool = False
-    max_tokens: int = Field(default=16, ge=1)
-    n: int = Field(default=1, ge=1, le=64)
-    best_of: int | None = Field(default=None, ge=1, le=64)
-    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    repetition_penalty: float = Field(default=1.0, gt=0.0)
-    temperature: float = Field(default=1.0, ge=0.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int = Field(default=-1, ge=-1)
-    min_p: float = Field(default=0.0, ge=0.0, le=1.0)
-    seed: int | None = None
+    max_tokens: PositiveInt32 = 16
+    n: Width = 1
+    best_of: Width | None = None
+    presence_penalty: Penalty = 0.0
+    frequency_penalty: Penalty = 0.0
+    repetition_penalty: PositiveFloat32 = 1.0
+    temperature: NonNegFloat32 = 1.0
+    # vLLM refuses 0 (it would keep no token).
+    top_p: Annotated[Probability, Field(gt=0.0)] = 1.0
+    top_k: MinusOneInt32 = -1
+    min_p: Probability = 0.0
+    seed: Seed | None = None
     stop: str | list[str] | None = None
     ignore_eos: bool = False
-    logprobs: int | None = Field(default=None, ge=0, le=20)
+    logprobs: LogprobCount | None = None
     use_beam_search: bool = False
-    length_penalty: float = 1.0
+    length_penalty: LengthPenalty = 1.0
     early_stopping: bool | Literal["never"] = False
     # A canned answer returned without any worker: for testing clients.
     mock_response: str | None = None

@@ -37,8 +37,10 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8080
     log_level: str = "INFO"
-    # How long the API waits on an interactive request before giving up with a
-    # 504; queued jobs older than this are dropped by the worker (Celery expires).
+    # How long an interactive request may wait for a worker to take it (until
+    # the worker accepts it) before a 504; queued jobs older than this are
+    # dropped by the worker (Celery expires). A job a worker accepted is bounded
+    # by its token budget and by that worker's heartbeat, not by this.
     request_timeout: float = 600.0
     # A quiet SSE stream gets a comment line this often, so proxies and clients
     # do not time it out while a job waits or a long prompt is evaluated.
@@ -46,13 +48,43 @@ class Settings(BaseSettings):
     # Redis visibility timeout: an unacknowledged job is redelivered after this
     # long, so it must exceed the longest job (bulk jobs included).
     visibility_timeout: int = 6 * 3600
-    # Worker heartbeat period; /health treats a worker silent for 3 periods as gone.
-    heartbeat_interval: float = 5.0
+    # Worker heartbeat period; a worker silent for 3 periods is dead: the API
+    # ends its requests (503 worker_lost), or queues again those whose client
+    # got nothing yet.
+    heartbeat_interval: float = Field(default=1.0, gt=0)
+    # Seconds after the API starts during which a model without a live worker
+    # is still waited for (its workers are loading); afterwards such a model
+    # answers 503 model_unavailable at once.
+    worker_start_grace: float = Field(default=10.0, ge=0)
+    # Seconds a Redis connect or command may take (API and workers); with Redis
+    # down, requests answer 503 within about this long.
+    redis_timeout: float = Field(default=3.0, gt=0)
     # POST /props (llama-server's --props): off, it answers 403; on, it sets
     # the defaults of /completion and /infill (shared through Redis).
     props_writable: bool = False
     # Files API: the largest upload accepted (OpenAI's limit for batch input).
     max_file_bytes: int = Field(default=200 * 1024 * 1024, gt=0)
+    # The API edge (api/middleware.py, api/serving/requests.py,
+    # api/serving/backpressure.py). The largest request body (file uploads
+    # have max_file_bytes); 413 past it.
+    max_body_bytes: int = Field(default=16 * 1024 * 1024, gt=0)
+    # Per request: chat messages, stop strings (and characters in each), and
+    # embedding inputs or rerank documents.
+    max_messages: int = Field(default=2048, gt=0)
+    max_stop: int = Field(default=16, ge=0)
+    max_stop_length: int = Field(default=512, gt=0)
+    max_embedding_inputs: int = Field(default=2048, gt=0)
+    # Backpressure: interactive jobs waiting in a model's queue beyond this
+    # many per live worker slot (or beyond max_queue_depth when set) are
+    # refused with a 503 and Retry-After; bulk lines never count.
+    queue_depth_per_slot: int = Field(default=4, gt=0)
+    max_queue_depth: int | None = Field(default=None, gt=0)
+    # Browser origins allowed to call the API (CORS), comma-separated; `*`
+    # for any; empty: none (closed).
+    cors_origins: str = ""
+    # The model llama-server's model-less routes (/completion, /tokenize,
+    # /props, ...) use; unset: the first text-generation model.
+    default_model: str | None = None
     # Bulk jobs. The batch scheduler (validation, feeding, lease recovery,
     # finalization) runs in the API process unless switched off; replicas
     # elect one leader through Redis.
@@ -69,6 +101,9 @@ class Settings(BaseSettings):
     batch_lease: float = Field(default=60.0, gt=0)
     # A line lost this many times fails instead of running again.
     batch_max_attempts: int = Field(default=3, gt=0)
+    # Usage rows waiting in a worker's memory for the database (written in
+    # the background; past this many, during a long outage, the oldest go).
+    usage_buffer: int = Field(default=100_000, gt=0)
 
     @field_validator("database_url")
     @classmethod

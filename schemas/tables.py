@@ -68,7 +68,9 @@ class UsageRecord(Base):
     __table_args__ = (
         Index("ix_usage_created_at", "created_at"),
         Index("ix_usage_model_created_at", "model", "created_at"),
-        Index("ix_usage_request_id", "request_id"),
+        # One row per request: writers insert with ON CONFLICT DO NOTHING, so
+        # a retried flush or a redelivered job never counts twice.
+        Index("ux_usage_request_id", "request_id", unique=True),
     )
 
 
@@ -164,7 +166,25 @@ class BatchLine(Base):
     )
 
 
+class BatchSchedulerEpoch(Base):
+    """The fencing token of the batch scheduler's leader (a single row).
+
+    A process that wins the Redis lock bumps `epoch` and keeps the value; every
+    transaction the scheduler commits first checks that the row still holds
+    it. A leader whose lock lapsed (a stall longer than its TTL) finds a newer
+    epoch there and its transaction rolls back, so two leaders never both
+    move batches."""
+
+    __tablename__ = "batch_scheduler"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    epoch: Mapped[int] = mapped_column(BigInteger, default=0)
+    holder: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    acquired_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
 # Core handles for bulk statements (executemany updates, RETURNING).
 BATCH_LINES = cast(Table, BatchLine.__table__)
 BATCHES = cast(Table, BatchRecord.__table__)
 USAGE = cast(Table, UsageRecord.__table__)
+SCHEDULER_EPOCH = cast(Table, BatchSchedulerEpoch.__table__)

@@ -18,9 +18,12 @@ from sqlalchemy.engine import make_url
 
 from schemas.settings import normalize_database_url
 from tests.servers import start_postgres, start_redis
+from tests.stack import stack
 from tests.tinymodel import write_tiny_llama
 
 logging.getLogger("gguf").setLevel(logging.WARNING)
+
+__all__ = ["stack"]
 
 
 @pytest.fixture(scope="session")

@@ -6,12 +6,16 @@ take slots no interactive request is waiting for) and returns at once, so a
 chunk never holds a Celery thread. Results are written by one writer thread
 in batched transactions, and only while the line is still this chunk's and
 running: a line whose lease ran out and was handed to another worker is
-written once, by whoever holds it now. The same thread renews the leases of
+written once, by whoever holds it now; its usage row goes in the same
+transaction, under the same condition. The same thread renews the leases of
 the lines this worker holds; a worker that dies stops renewing, and the
-scheduler puts its lines back."""
+scheduler puts its lines back. While the database is away, results are kept
+and retried and leases renewed as soon as it answers; a result the database
+refuses fails its own line instead of holding the others up."""
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import threading
@@ -20,17 +24,21 @@ from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import Engine, bindparam, insert, update
+import orjson
+from sqlalchemy import Engine, bindparam, select, tuple_, update
+from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as SATimeoutError
 
 from schemas import batches as b
 from schemas.events import Done, Embeddings, ErrorEvent
 from schemas.jobs import EmbedJob, GenerateJob
 from schemas.tables import BATCH_LINES as LINES
-from schemas.tables import USAGE, utcnow
+from schemas.tables import utcnow
 from workers.embed_service import EmbedRuntime, InputError, build_inputs, make_answer
 from workers.engine.embedding import EmbedRequest
 from workers.engine.types import BULK, EngineRequest
 from workers.service import Rejected, WorkerRuntime, prepare
+from workers.usage import insert_usage
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +72,22 @@ class Outcome:
     completion_tokens: int = 0
 
 
+# The database being away, not a line being bad: the whole write is retried.
+OUTAGES = (OperationalError, InterfaceError, DisconnectionError, SATimeoutError)
+
+
 def _event(event: Done | ErrorEvent | Embeddings) -> dict[str, Any]:
-    return b.worker_result(asdict(event))
+    # Through orjson, as the interactive answer goes out: a -inf logprob
+    # (a banned token) becomes null, which Postgres' json accepts.
+    raw = asdict(event)
+    try:
+        data: dict[str, Any] = orjson.loads(orjson.dumps(raw))
+    except TypeError:
+        # Unpaired surrogates (not UTF-8, so neither orjson nor the database
+        # takes them): each becomes "?" first.
+        text = json.dumps(raw, ensure_ascii=False).encode("utf-8", "replace")
+        data = orjson.loads(orjson.dumps(json.loads(text)))
+    return b.worker_result(data)
 
 
 class BulkRunner:
@@ -232,8 +254,9 @@ class BulkRunner:
     # -- writer thread ------------------------------------------------------------
 
     def _write_loop(self) -> None:
-        renewed = time.monotonic()
+        renew_at = time.monotonic() + self.lease / 3
         backlog: list[Outcome] = []
+        failing_since: float | None = None
         while True:
             try:
                 backlog.append(self._outcomes.get(timeout=0.2))
@@ -243,18 +266,52 @@ class BulkRunner:
                 pass
             if backlog:
                 try:
-                    self._write(backlog)
+                    self._write_all(backlog)
                     backlog = []
+                    if failing_since is not None:
+                        log.warning(
+                            "bulk results written again after %.1f s",
+                            time.monotonic() - failing_since,
+                        )
+                        failing_since = None
                 except Exception:
-                    # Kept and retried; if the database stays away the leases
-                    # lapse and the lines run again elsewhere.
-                    log.exception("writing %d bulk results failed; retrying", len(backlog))
+                    # Kept and retried (the database may be away); the leases
+                    # are renewed as soon as it answers again, so the lines
+                    # are not put back meanwhile unless it stays away longer
+                    # than a lease.
+                    if failing_since is None:
+                        failing_since = time.monotonic()
+                        log.exception("writing %d bulk results failed; retrying", len(backlog))
+                    renew_at = 0.0
                     time.sleep(1.0)
-            if time.monotonic() - renewed > self.lease / 3:
-                renewed = time.monotonic()
-                self._renew()
+            if time.monotonic() >= renew_at:
+                ok = self._renew()
+                renew_at = time.monotonic() + (self.lease / 3 if ok else 1.0)
             if self._stop.is_set() and not backlog and self._outcomes.empty():
                 return
+
+    def _write_all(self, outcomes: list[Outcome]) -> None:
+        """Write a backlog; when something other than an outage breaks it,
+        line by line, and a line whose result cannot be stored fails with
+        the reason instead of holding up the others forever. Rewriting a
+        line already written is a no-op (it is no longer running)."""
+        try:
+            self._write(outcomes)
+            return
+        except OUTAGES:
+            raise
+        except Exception:
+            log.exception("writing %d bulk results failed; line by line", len(outcomes))
+        for outcome in outcomes:
+            try:
+                self._write([outcome])
+            except OUTAGES:
+                raise
+            except Exception as exc:
+                held = outcome.held
+                log.exception("bulk line %s:%d: result not storable", held.batch_id, held.line)
+                event = ErrorEvent(message=f"the result could not be stored: {exc}"[:500])
+                self._write([Outcome(held, b.FAILED, _event(event))])
 
     def _shape(self, outcome: Outcome) -> None:
         held = outcome.held
@@ -313,6 +370,7 @@ class BulkRunner:
             if o.state in (b.DONE, b.FAILED):
                 usage.append(
                     {
+                        "_key": (h.batch_id, h.line),
                         "created_at": now,
                         "request_id": f"{h.batch_id}:{h.line}",
                         "model": self.model,
@@ -326,17 +384,36 @@ class BulkRunner:
                     }
                 )
         with self.db.begin() as conn:
-            conn.execute(finish, rows)
-            if usage:
-                conn.execute(insert(USAGE), usage)
+            # Lock the lines this worker still holds under these chunks; one
+            # whose lease lapsed and went to another worker is not ours to
+            # finish, and neither is its usage row (written with the result,
+            # in this transaction, so each line result is accounted once).
+            held = [(o.held.batch_id, o.held.line, o.held.chunk) for o in outcomes]
+            owned = {
+                (r[0], r[1])
+                for r in conn.execute(
+                    select(LINES.c.batch_id, LINES.c.line)
+                    .where(
+                        tuple_(LINES.c.batch_id, LINES.c.line, LINES.c.chunk).in_(held),
+                        LINES.c.state == b.RUNNING,
+                    )
+                    .with_for_update()
+                )
+            }
+            rows = [r for r in rows if (r["b_batch"], r["b_line"]) in owned]
+            if rows:
+                conn.execute(finish, rows)
+            insert_usage(conn, [u for u in usage if u.pop("_key") in owned])
         with self._lock:
             for o in outcomes:
                 self._held.pop((o.held.batch_id, o.held.line), None)
 
-    def _renew(self) -> None:
+    def _renew(self) -> bool:
+        """Extend the leases of every line this worker runs; False when the
+        database could not be reached."""
         with self._lock:
             if not self._held:
-                return
+                return True
         try:
             with self.db.begin() as conn:
                 conn.execute(
@@ -344,5 +421,7 @@ class BulkRunner:
                     .where(LINES.c.worker == self.worker_id, LINES.c.state == b.RUNNING)
                     .values(lease_until=utcnow() + timedelta(seconds=self.lease))
                 )
-        except Exception:
-            log.exception("renewing bulk leases failed")
+        except Exception as exc:
+            log.warning("renewing bulk leases failed: %s", exc)
+            return False
+        return True

@@ -10,13 +10,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
+from pydantic import ValidationError
 from sqlalchemy import Engine
 
 from schemas import keys
-from schemas.events import Embeddings, ErrorEvent, encode
+from schemas.events import Accepted, Embeddings, ErrorEvent, encode
 from schemas.jobs import EmbedJob
 from schemas.registry import ModelConfig
+from schemas.settings import get_settings
 from workers.engine.embedding import EmbeddingEngine, EmbedRequest, cosine
+from workers.presence import claim
+from workers.sink import reject_payload
 from workers.usage import record_usage
 
 log = logging.getLogger(__name__)
@@ -54,6 +58,15 @@ def _fit(tokens: list[int], limit: int, truncate: bool, param: str) -> list[int]
 
 def build_inputs(runtime: EmbedRuntime, job: EmbedJob) -> tuple[list[list[int]], bool]:
     """Token lists to decode, and whether they are cross-encoder pairs."""
+    try:
+        return _build_inputs(runtime, job)
+    except UnicodeEncodeError as exc:
+        # An unpaired surrogate cannot be handed to llama.cpp's tokenizer.
+        param = "documents" if job.kind == "rerank" else "input"
+        raise InputError(f"an input is not valid Unicode: {exc.reason}", param) from exc
+
+
+def _build_inputs(runtime: EmbedRuntime, job: EmbedJob) -> tuple[list[list[int]], bool]:
     engine, limit = runtime.engine, runtime.engine.max_input_tokens
     if job.kind == "rerank":
         query = job.query or ""
@@ -88,10 +101,45 @@ def make_answer(
     return Embeddings(prompt_tokens, vectors=scores)
 
 
+# Seconds an embedding request may take once submitted, beyond request_timeout
+# for its turn: generous per input token, so only a wedged engine reaches it.
+_SECONDS_PER_TOKEN = 0.05
+
+
 def run_embed(runtime: EmbedRuntime, payload: dict[str, Any]) -> None:
-    job = EmbedJob.model_validate(payload)
+    try:
+        job = EmbedJob.model_validate(payload)
+    except ValidationError as exc:
+        reject_payload(runtime.redis, payload, exc)
+        return
+    try:
+        _run_embed(runtime, job)
+    except Exception as exc:
+        # After Accepted the API waits on this worker, not on a timeout: every
+        # failure must reach the client.
+        log.exception("embedding job %s failed", job.request_id)
+        try:
+            event = ErrorEvent(message=f"embedding failed: {exc}")
+            runtime.redis.publish(keys.stream_channel(job.request_id), encode(event))
+        except Exception as publish_exc:
+            log.warning("could not report the failure of %s: %s", job.request_id, publish_exc)
+        raise
+
+
+def _run_embed(runtime: EmbedRuntime, job: EmbedJob) -> None:
     started = time.perf_counter()
     channel = keys.stream_channel(job.request_id)
+    cancelled, first = claim(
+        runtime.redis,
+        job.request_id,
+        runtime.worker_id,
+        request_timeout=get_settings().request_timeout,
+    )
+    if cancelled is not None or not first:
+        # The client left, the API queued the job again under another id, or
+        # a copy of it already ran (a redelivered message).
+        log.info("dropping embedding job %s: cancelled or started already", job.request_id)
+        return
     try:
         inputs, pairs = build_inputs(runtime, job)
     except InputError as exc:
@@ -104,21 +152,34 @@ def run_embed(runtime: EmbedRuntime, payload: dict[str, Any]) -> None:
         )
         runtime.redis.publish(channel, encode(event))
         return
+    prompt_tokens = sum(len(t) for t in inputs)
+    # The API follows this worker's heartbeat from here on.
+    accepted = Accepted(prompt_tokens=prompt_tokens, worker_id=runtime.worker_id)
+    runtime.redis.publish(channel, encode(accepted))
     request = EmbedRequest(inputs, normalize=job.normalize)
     runtime.engine.submit(request)
-    request.wait()
+    budget = get_settings().request_timeout + _SECONDS_PER_TOKEN * prompt_tokens
+    if not request.wait(budget):
+        log.error("embedding job %s did not finish within %.0f s", job.request_id, budget)
+        event = ErrorEvent(
+            message=f"the request did not finish within {budget:.0f} s",
+            error_type="timeout_error",
+            code="timeout",
+            status=504,
+        )
+        runtime.redis.publish(channel, encode(event))
+        return
     if request.error:
         runtime.redis.publish(channel, encode(ErrorEvent(message=request.error)))
         return
     answer = make_answer(job, request, inputs, pairs)
     runtime.redis.publish(channel, encode(answer))
-    prompt_tokens = answer.prompt_tokens
     record_usage(
         runtime.db,
         request_id=job.request_id,
         model=runtime.config.name,
         endpoint="rerank" if job.kind == "rerank" else "embeddings",
-        prompt_tokens=prompt_tokens,
+        prompt_tokens=answer.prompt_tokens,
         completion_tokens=0,
         ttft_ms=None,
         duration_ms=(time.perf_counter() - started) * 1000,

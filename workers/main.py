@@ -10,18 +10,20 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import redis
-
 from schemas import keys
 from schemas.db import make_engine
 from schemas.queue import make_celery
+from schemas.redis_client import sync_client
 from schemas.registry import ModelConfig, load_registry
 from schemas.settings import get_settings
 
 if TYPE_CHECKING:
+    import redis
     from sqlalchemy import Engine
 
+    from workers.engine.types import EngineRequest
     from workers.service import WorkerRuntime
+    from workers.sink import RedisSink
 
 log = logging.getLogger("inferq.worker")
 
@@ -46,13 +48,31 @@ def run_worker(model_name: str, *, gpu: int | None = None) -> int:
     from workers.presence import CancelListener, Heartbeat
     from workers.tasks import register
 
-    client = redis.Redis.from_url(settings.redis_url)
+    # Bounded Redis waits: through an outage every thread of the worker
+    # (consumer, engine sink, heartbeat, cancel listener) retries and recovers.
+    client = sync_client(settings)
     worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     db = make_engine(settings.database_url)
     path = config.model_path(settings.models_dir)
     # The models are loaded here, in the main process before the consumer
     # starts, not in worker_process_init (Celery kills that after 4 s).
-    runtime = _generation_runtime(config, path, client, db, worker_id) if config.generates else None
+    from workers.sink import RedisSink
+
+    running: dict[str, EngineRequest] = {}
+
+    def stop_orphan(request_id: str) -> None:
+        # Nobody listens to this request any more: stop it at the next step.
+        request = running.get(request_id)
+        if request is not None and not request.cancelled:
+            log.info("request %s has no listener left; stopping it", request_id)
+            request.cancel()
+
+    sink = RedisSink(client, on_orphan=stop_orphan)
+    runtime = (
+        _generation_runtime(config, path, client, db, worker_id, sink, running)
+        if config.generates
+        else None
+    )
     embed_runtime = None
     if config.embeddings or config.reranking:
         from workers.embed_service import EmbedRuntime
@@ -82,9 +102,12 @@ def run_worker(model_name: str, *, gpu: int | None = None) -> int:
     app = make_celery(settings, name=f"inferq-worker-{config.name}")
     register(app, runtime, embed_runtime, bulk, model=config.name)
 
-    if runtime is not None:
-        # What llama-server's GET /props reports, for the API to read.
-        publish_props(client, config, runtime.engine, settings.models_dir)
+    def announce() -> None:
+        if runtime is not None:
+            # What llama-server's GET /props reports, for the API to read.
+            publish_props(client, config, runtime.engine, settings.models_dir)
+
+    announce()
 
     def cancel(request_id: str) -> None:
         if request_id.startswith(keys.BATCH_CANCEL_PREFIX):
@@ -102,6 +125,10 @@ def run_worker(model_name: str, *, gpu: int | None = None) -> int:
         worker_id=worker_id,
         interval=settings.heartbeat_interval,
         slots=config.parallel,
+        # Redis came back empty (restarted): announce the props again.
+        on_register=announce,
+        # Requests whose events a Redis outage swallowed hear of it.
+        after_beat=sink.flush,
     )
     heartbeat.start()
     log.info(
@@ -149,12 +176,17 @@ def run_worker(model_name: str, *, gpu: int | None = None) -> int:
 
 
 def _generation_runtime(
-    config: ModelConfig, path: Path, client: redis.Redis, db: Engine, worker_id: str
+    config: ModelConfig,
+    path: Path,
+    client: redis.Redis,
+    db: Engine,
+    worker_id: str,
+    sink: RedisSink,
+    running: dict[str, EngineRequest],
 ) -> WorkerRuntime:
     from workers.engine.llama_engine import LlamaEngine
     from workers.engine.llama_model import ContextOptions, LlamaModel
     from workers.service import WorkerRuntime
-    from workers.sink import RedisSink
     from workers.templates import PromptBuilder
 
     log.info("loading %s from %s", config.name, path)
@@ -176,10 +208,10 @@ def _generation_runtime(
     )
     return WorkerRuntime(
         config=config,
-        engine=LlamaEngine(model, RedisSink(client)),
+        engine=LlamaEngine(model, sink),
         prompts=prompts,
         redis=client,
         db=db,
-        running={},
+        running=running,
         worker_id=worker_id,
     )

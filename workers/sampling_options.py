@@ -13,6 +13,7 @@ from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
 
 from schemas.jobs import GenerateJob
 from schemas.registry import ModelConfig
+from workers.engine.limits import check_grammar_text
 from workers.engine.llama_model import LlamaModel
 from workers.engine.sampling import check_grammar
 from workers.engine.types import Sampling
@@ -36,7 +37,14 @@ def _first(*values: T | None) -> T:
 def _logit_bias(job: GenerateJob, model: LlamaModel) -> tuple[tuple[int, float], ...]:
     out: list[tuple[int, float]] = []
     for key, bias in job.sampling.logit_bias:
+        if bias is True:
+            raise SamplingError("logit_bias: a bias is a number, or false to ban", "logit_bias")
         value = -math.inf if bias is False else float(bias)
+        if bias is not False and not math.isfinite(value):
+            raise SamplingError(
+                f"logit_bias: the bias of {key!r} must be a finite number (false bans)",
+                "logit_bias",
+            )
         if isinstance(key, str):
             tokens = model.tokenize(key, add_special=False, parse_special=False)
         else:
@@ -58,19 +66,24 @@ def tool_call_grammar(job: GenerateJob) -> str | None:
     allowed = set(job.tool_names)
     calls = []
     for tool in job.tools:
-        function = tool.get("function", {})
-        if allowed and function.get("name") not in allowed:
+        function = tool.get("function")
+        name = function.get("name") if isinstance(function, dict) else None
+        if not isinstance(function, dict) or not isinstance(name, str):
+            raise SamplingError("every tool needs a function with a name", "tools")
+        if allowed and name not in allowed:
             continue
         calls.append(
             {
                 "type": "object",
                 "properties": {
-                    "name": {"const": function["name"]},
+                    "name": {"const": name},
                     "arguments": function.get("parameters") or {"type": "object"},
                 },
                 "required": ["name", "arguments"],
             }
         )
+    if not calls:
+        raise SamplingError("tool_choice names no tool of this request", "tool_choice")
     schema = calls[0] if len(calls) == 1 else {"oneOf": calls}
     try:
         call: str = json_schema_to_gbnf(json.dumps(schema))
@@ -97,10 +110,12 @@ def _grammar(job: GenerateJob, model: LlamaModel) -> str | None:
         else:
             grammar = JSON_GBNF
     if grammar:
+        param = "json_schema" if options.json_schema is not None else "grammar"
         try:
-            check_grammar(model.vocab, grammar)
+            # What would crash llama.cpp's parser is refused before it runs.
+            check_grammar_text(grammar)
+            check_grammar(model.vocab, grammar, model.n_vocab)
         except ValueError as exc:
-            param = "json_schema" if options.json_schema is not None else "grammar"
             raise SamplingError(str(exc), param) from exc
     return grammar
 

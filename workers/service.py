@@ -5,19 +5,24 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import redis
+from pydantic import ValidationError
 from sqlalchemy import Engine
 
 from schemas import keys
 from schemas.events import Accepted, Done, ErrorEvent, encode
 from schemas.jobs import CHAT_ENDPOINTS, LLAMA_ENDPOINTS, GenerateJob
 from schemas.registry import ModelConfig
+from schemas.settings import get_settings
+from workers.engine.limits import UnsafeValue, safe_sampling
 from workers.engine.llama_engine import LlamaEngine
 from workers.engine.types import ContextLengthExceeded, EngineRequest, Sampling, TooManyChoices
 from workers.llama_server import LlamaPromptError, accepted, llama_tokens
+from workers.presence import claim
 from workers.sampling_options import SamplingError, resolve_sampling
+from workers.sink import reject_payload
 from workers.templates import PromptBuilder, PromptError
 from workers.usage import record_usage
 
@@ -69,19 +74,34 @@ class Rejected(Exception):
 
 def prepare(runtime: WorkerRuntime, job: GenerateJob) -> tuple[list[int], Sampling]:
     """The prompt tokens and sampling settings of a job; Rejected when the
-    request is invalid for this model (template, context length, n, sampling)."""
+    request is invalid for this model (template, context length, n, sampling).
+    Everything llama.cpp will be handed is checked here (workers.engine.limits):
+    whatever the API let through, a job can be refused but never abort the worker."""
+    engine = runtime.engine
     try:
-        sampling = resolve_sampling(job, runtime.config, runtime.engine.model)
+        sampling = resolve_sampling(job, runtime.config, engine.model)
+        sampling = safe_sampling(
+            sampling, n_vocab=engine.model.n_vocab, n_ctx=engine.n_ctx_per_slot
+        )
         tokens = build_prompt(runtime, job)
-        runtime.engine.check_fits(len(tokens), sampling.max_tokens, sampling.n)
-    except (PromptError, ContextLengthExceeded, TooManyChoices, SamplingError) as exc:
+        engine.check_fits(len(tokens), sampling.max_tokens, sampling.n)
+    except (
+        PromptError,
+        ContextLengthExceeded,
+        TooManyChoices,
+        SamplingError,
+        UnsafeValue,
+        UnicodeError,
+    ) as exc:
         code, param = "invalid_request_error", None
         if isinstance(exc, ContextLengthExceeded):
             code = "context_length_exceeded"
         elif isinstance(exc, TooManyChoices):
             param = "n"
-        elif isinstance(exc, SamplingError):
+        elif isinstance(exc, (SamplingError, UnsafeValue)):
             param = exc.param
+        elif isinstance(exc, UnicodeError):
+            exc = PromptError(f"the prompt is not valid Unicode: {exc}")
         if isinstance(exc, (PromptError, ContextLengthExceeded)):
             param = "messages" if job.endpoint in CHAT_ENDPOINTS else "prompt"
         if isinstance(exc, LlamaPromptError):
@@ -94,17 +114,37 @@ def prepare(runtime: WorkerRuntime, job: GenerateJob) -> tuple[list[int], Sampli
             param=param,
         )
         raise Rejected(event) from exc
+    except Exception as exc:
+        # Preparing reads only the request: anything else it raises is still
+        # this request's problem (say a template tripping over odd content),
+        # answered as a 400 instead of failing the job.
+        log.warning("job %s could not be prepared", job.request_id, exc_info=True)
+        event = ErrorEvent(
+            message=f"the request could not be prepared: {type(exc).__name__}: {exc}",
+            error_type="invalid_request_error",
+            code="invalid_request_error",
+            status=400,
+        )
+        raise Rejected(event) from exc
     return tokens, sampling
 
 
 def run_generate(runtime: WorkerRuntime, payload: dict[str, object]) -> None:
-    job = GenerateJob.model_validate(payload)
+    try:
+        job = GenerateJob.model_validate(payload)
+    except ValidationError as exc:
+        reject_payload(runtime.redis, payload, exc)
+        return
     try:
         _run_generate(runtime, job)
     except Exception as exc:
-        # Whatever broke, the client waiting on the channel hears of it.
+        # Whatever broke, the client waiting on the channel hears of it (unless
+        # Redis is what broke: the API then ends the stream itself).
         log.exception("job %s failed", job.request_id)
-        _publish(runtime, job.request_id, ErrorEvent(message=f"inference failed: {exc}"))
+        try:
+            _publish(runtime, job.request_id, ErrorEvent(message=f"inference failed: {exc}"))
+        except Exception as publish_exc:
+            log.warning("could not report the failure of %s: %s", job.request_id, publish_exc)
         raise
 
 
@@ -125,9 +165,23 @@ def _run_generate(runtime: WorkerRuntime, job: GenerateJob) -> None:
             worker=runtime.worker_id,
         )
 
-    if runtime.redis.exists(keys.cancel_key(job.request_id)):
+    cancelled, first = claim(
+        runtime.redis,
+        job.request_id,
+        runtime.worker_id,
+        request_timeout=get_settings().request_timeout,
+    )
+    if cancelled == keys.CANCEL_REQUEUED:
+        # Its worker died before the client got anything; the API queued it
+        # again under another id, so this copy is nobody's (nothing to account).
+        log.info("dropping job %s: it was queued again under another id", job.request_id)
+        return
+    if cancelled is not None:
         log.info("job %s was cancelled while queued", job.request_id)
         account("cancelled", 0, 0, None)
+        return
+    if not first:
+        log.warning("dropping job %s: a copy of it started already", job.request_id)
         return
     try:
         tokens, sampling = prepare(runtime, job)
@@ -139,13 +193,16 @@ def _run_generate(runtime: WorkerRuntime, job: GenerateJob) -> None:
         job.request_id, tokens, sampling, stream=job.stream, id_slot=job.id_slot
     )
     if job.endpoint in LLAMA_ENDPOINTS:
-        _publish(runtime, job.request_id, accepted(runtime.engine, job, sampling, tokens))
+        event = accepted(runtime.engine, job, sampling, tokens)
     else:
-        _publish(runtime, job.request_id, Accepted(prompt_tokens=len(tokens)))
+        event = Accepted(prompt_tokens=len(tokens))
+    # The API follows this worker's heartbeat from here on, instead of a timeout.
+    _publish(runtime, job.request_id, replace(event, worker_id=runtime.worker_id))
     runtime.running[job.request_id] = request
     try:
         runtime.engine.submit(request)
-        result = request.wait()
+        # Bounded: request_timeout for a slot, then a generous time per token.
+        result = runtime.engine.wait(request, queue_timeout=get_settings().request_timeout)
     finally:
         runtime.running.pop(job.request_id, None)
     if isinstance(result, Done):

@@ -3,7 +3,8 @@ order, streamed from the database page by page into the Files store."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import logging
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from typing import Any
 
@@ -19,6 +20,8 @@ from schemas.jobs import EmbedJob, GenerateJob
 from schemas.openai import error_body
 from schemas.tables import BATCH_LINES as LINES
 
+log = logging.getLogger("inferq.batches")
+
 PAGE = 1000
 
 _NOT_RUN = {
@@ -30,9 +33,13 @@ _NOT_RUN = {
 }
 
 
-def _rows(db: Engine, batch_id: str, states: tuple[str, ...]) -> Iterator[Any]:
+def _rows(
+    db: Engine, batch_id: str, states: tuple[str, ...], keepalive: Callable[[], None] | None
+) -> Iterator[Any]:
     last = -1
     while True:
+        if keepalive is not None:
+            keepalive()
         query = (
             select(
                 LINES.c.line,
@@ -105,8 +112,14 @@ def _line(row: Any) -> bytes:
     return orjson.dumps(out, option=orjson.OPT_SERIALIZE_NUMPY) + b"\n"
 
 
-def _write(db: Engine, batch_id: str, name: str, states: tuple[str, ...]) -> str | None:
-    lines = (_line(row) for row in _rows(db, batch_id, states))
+def _write(
+    db: Engine,
+    batch_id: str,
+    name: str,
+    states: tuple[str, ...],
+    keepalive: Callable[[], None] | None,
+) -> str | None:
+    lines = (_line(row) for row in _rows(db, batch_id, states, keepalive))
     first = next(lines, None)
     if first is None:
         return None
@@ -126,8 +139,27 @@ def _write(db: Engine, batch_id: str, name: str, states: tuple[str, ...]) -> str
     return file_id
 
 
-def write_files(db: Engine, *, batch_id: str) -> tuple[str | None, str | None]:
-    """(output_file_id, error_file_id); None where no line belongs there."""
-    output = _write(db, batch_id, "output", (b.DONE,))
-    errors = _write(db, batch_id, "errors", (b.FAILED, b.EXPIRED, b.CANCELLED))
+def write_files(
+    db: Engine, *, batch_id: str, keepalive: Callable[[], None] | None = None
+) -> tuple[str | None, str | None]:
+    """(output_file_id, error_file_id); None where no line belongs there.
+    `keepalive` is called before every page of lines (and may raise to stop)."""
+    output = _write(db, batch_id, "output", (b.DONE,), keepalive)
+    try:
+        errors = _write(db, batch_id, "errors", (b.FAILED, b.EXPIRED, b.CANCELLED), keepalive)
+    except BaseException:
+        discard(db, output, None)
+        raise
     return output, errors
+
+
+def discard(db: Engine, *file_ids: str | None) -> None:
+    """Remove result files a failed finalization wrote; best effort (a file
+    left over is only a stray `batch_output` file)."""
+    for file_id in file_ids:
+        if file_id is None:
+            continue
+        try:
+            files_store.delete_file(db, file_id=file_id)
+        except Exception:
+            log.warning("could not remove the unused result file %s", file_id, exc_info=True)

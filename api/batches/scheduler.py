@@ -7,34 +7,67 @@ message lost with Redis), feeds pending lines to the models' bulk queues in
 chunks (never more than a few lines per live worker slot in flight, so 50,000
 lines are never 50,000 messages), and writes the output files of batches with
 no line left to run. All state is in the database; Redis only carries the
-chunks in flight, so any of the processes may restart at any time."""
+chunks in flight, so any of the processes may restart at any time.
+
+One failure stays one failure: each batch is moved on its own, and an
+exception while moving one (validating, expiring, cancelling, finalizing) is
+logged with its id and retried next tick; after STEP_ATTEMPTS failures in a
+row (counted in memory by the current leader) that batch fails with the
+reason in its `errors`, and the others never notice. An outage of the
+database or Redis fails the whole pass instead: it is logged and the next
+tick tries again, no batch is failed for it. Leadership is fenced
+(api.batches.leader): a leader that stalled past its lock's TTL cannot commit
+beside its successor."""
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
 import uuid
-from datetime import timedelta
 from typing import Any
 
 import redis
 from celery import Celery
-from sqlalchemy import Engine, bindparam, func, select, update
+from sqlalchemy import Engine, func, select, update
+from sqlalchemy import exc as sa_exc
 
 from api import files_store
-from api.batches import output, store
-from api.batches.validate import LineReader, parse, reported, split_lines
+from api.batches import feeding, output, store
+from api.batches.leader import Leadership, NotLeader
+from api.batches.validate import Line, LineReader, parse, reported, split_lines
 from schemas import batches as b
 from schemas import keys
-from schemas.openai import error_body
 from schemas.registry import Registry
 from schemas.settings import Settings
 from schemas.tables import BATCH_LINES as LINES
 from schemas.tables import BATCHES, aware, utcnow
 
 log = logging.getLogger("inferq.batches")
+
+# Failures of the database or Redis themselves, not of one batch: the pass
+# stops and the next tick tries again; no batch is failed for them.
+OUTAGES: tuple[type[Exception], ...] = (
+    sa_exc.OperationalError,
+    sa_exc.InterfaceError,
+    sa_exc.DisconnectionError,
+    sa_exc.TimeoutError,
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+)
+
+# What stops a pass instead of failing one batch: an outage, or a newer leader.
+ABORT_PASS: tuple[type[Exception], ...] = (NotLeader, *OUTAGES)
+
+# A batch whose step raised this many times in a row fails, with the reason.
+STEP_ATTEMPTS = 3
+
+_STEPS = {
+    b.VALIDATING: "validating",
+    b.IN_PROGRESS: "moving on",
+    b.FINALIZING: "finalizing",
+    b.CANCELLING: "cancelling",
+}
 
 
 class BatchScheduler:
@@ -52,6 +85,15 @@ class BatchScheduler:
         self.redis = client
         self.celery = celery
         self.holder = uuid.uuid4().hex
+        self.lead = Leadership(client, db, self.holder, ttl=max(5.0, 5 * settings.batch_tick))
+        # Per batch: steps failed in a row under this leader.
+        self._failures: dict[str, int] = {}
+        # Since when this process has led with the database in reach (None:
+        # not leading, or the last pass failed). Lapsed leases are reclaimed
+        # only a full lease after it, so workers that could not reach the
+        # database meanwhile get to renew theirs before their lines go back.
+        self._watching: float | None = None
+        self._watch_epoch: int | None = None
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="batch-scheduler", daemon=True)
@@ -69,27 +111,31 @@ class BatchScheduler:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            try:
-                if self._lead():
-                    self.tick()
-            except Exception:
-                # A database or Redis outage: log it and try again next tick.
-                log.exception("batch scheduler tick failed")
+            self.pass_once()
             self._wake.wait(self.settings.batch_tick)
             self._wake.clear()
 
-    def _lead(self) -> bool:
-        ttl = int(max(5.0, 5 * self.settings.batch_tick) * 1000)
-        if self.redis.set(keys.BATCH_SCHEDULER_LOCK, self.holder, nx=True, px=ttl):
-            return True
-        if self.redis.get(keys.BATCH_SCHEDULER_LOCK) == self.holder.encode():
-            self.redis.pexpire(keys.BATCH_SCHEDULER_LOCK, ttl)
-            return True
-        return False
+    def pass_once(self) -> None:
+        """Lead (or not) and tick; never raises."""
+        try:
+            if self.lead.lead():
+                self.tick()
+            else:
+                self._watching = None
+        except NotLeader as exc:
+            self._watching = None
+            log.warning("batch scheduler: %s; this pass is dropped", exc)
+        except Exception:
+            # A database or Redis outage: log it and try again next tick.
+            self._watching = None
+            log.exception("batch scheduler tick failed")
 
     # -- one tick ---------------------------------------------------------------
 
     def tick(self) -> None:
+        if self._watching is None or self._watch_epoch != self.lead.epoch:
+            self._watching, self._watch_epoch = time.monotonic(), self.lead.epoch
+            self._failures.clear()
         with self.db.connect() as conn:
             active = conn.execute(
                 select(BATCHES.c.id, BATCHES.c.status, BATCHES.c.expires_at).where(
@@ -100,12 +146,26 @@ class BatchScheduler:
             return
         now = utcnow()
         for batch_id, status, expires_at in active:
+            self._step(batch_id, status, aware(expires_at) < now)
+        if time.monotonic() - self._watching >= self.settings.batch_lease:
+            try:
+                feeding.reclaim(self.db, self.settings, self.lead.check)
+            except ABORT_PASS:
+                raise
+            except Exception:
+                # Feeding must go on even if putting lines back cannot.
+                log.exception("batch scheduler: reclaiming lapsed leases failed")
+        self._feed()
+
+    def _step(self, batch_id: str, status: str, expired: bool) -> None:
+        """Move one batch on; whatever it raises stays with that batch."""
+        try:
             if status == b.VALIDATING:
                 self._validate(batch_id)
-            elif status == b.IN_PROGRESS and aware(expires_at) < now:
+            elif status == b.IN_PROGRESS and expired:
                 self._expire(batch_id)
             elif status == b.IN_PROGRESS and not self._live(batch_id):
-                store.set_status(self.db, batch_id=batch_id, status=b.FINALIZING)
+                self._set(batch_id, b.FINALIZING)
                 self._finish(batch_id, b.COMPLETED)
             elif status == b.FINALIZING:
                 self._finish(batch_id, b.COMPLETED)
@@ -113,8 +173,39 @@ class BatchScheduler:
                 self._cancel_lines(batch_id)
                 if not self._live(batch_id):
                     self._finish(batch_id, b.BATCH_CANCELLED)
-        self._reclaim()
-        self._feed()
+        except ABORT_PASS:
+            raise
+        except Exception as exc:
+            self._step_failed(batch_id, _STEPS.get(status, status), exc)
+        else:
+            self._failures.pop(batch_id, None)
+
+    def _step_failed(self, batch_id: str, step: str, exc: Exception) -> None:
+        failures = self._failures.get(batch_id, 0) + 1
+        self._failures[batch_id] = failures
+        log.error(
+            "batch %s: %s failed (attempt %d of %d)",
+            batch_id,
+            step,
+            failures,
+            STEP_ATTEMPTS,
+            exc_info=exc,
+        )
+        if failures < STEP_ATTEMPTS:
+            return
+        reason = f"the batch failed while {step}: {type(exc).__name__}: {exc}"
+        try:
+            if store.fail_batch(self.db, batch_id=batch_id, reason=reason, fence=self.lead.check):
+                log.error("batch %s failed: %s", batch_id, reason)
+            self._failures.pop(batch_id, None)
+            self._announce(batch_id)
+        except ABORT_PASS:
+            raise
+        except Exception:
+            log.exception("batch %s: could not be marked failed either", batch_id)
+
+    def _set(self, batch_id: str, status: str, **fields: Any) -> None:
+        store.set_status(self.db, batch_id=batch_id, status=status, fence=self.lead.check, **fields)
 
     def _live(self, batch_id: str) -> int:
         with self.db.connect() as conn:
@@ -141,26 +232,36 @@ class BatchScheduler:
                     "line": None,
                 }
             ]
-            store.set_status(
-                self.db, batch_id=batch_id, status=b.BATCH_FAILED, errors=reported(errors)
-            )
+            self._set(batch_id, b.BATCH_FAILED, errors=reported(errors))
             return
         reader = LineReader(record.endpoint, self.registry, set(self._live_slots()))
         chunks = files_store.iter_content(self.db, file_id=file.id)
-        parsed = parse(split_lines(chunks), record.endpoint, reader)
+        parsed = parse(split_lines(chunks), record.endpoint, reader, self.lead.keepalive)
         if parsed.errors:
-            store.set_status(
-                self.db, batch_id=batch_id, status=b.BATCH_FAILED, errors=reported(parsed.errors)
-            )
+            self._set(batch_id, b.BATCH_FAILED, errors=reported(parsed.errors))
             log.info("batch %s failed validation: %d errors", batch_id, len(parsed.errors))
             return
-        store.insert_lines(self.db, batch_id=batch_id, lines=parsed.lines)
+        self._store_lines(batch_id, parsed.lines)
         log.info(
             "batch %s: %d lines validated in %.1f s",
             batch_id,
             len(parsed.lines),
             time.perf_counter() - started,
         )
+
+    def _store_lines(self, batch_id: str, lines: list[Line]) -> None:
+        try:
+            store.insert_lines(self.db, batch_id=batch_id, lines=lines, fence=self.lead.check)
+        except ABORT_PASS:
+            raise
+        except Exception:
+            # A value validation did not foresee, which the database refuses:
+            # line by line, so only the lines holding one fail.
+            log.warning("batch %s: the database refused lines; storing them one by one", batch_id)
+            refused = store.insert_lines(
+                self.db, batch_id=batch_id, lines=lines, fence=self.lead.check, careful=True
+            )
+            log.warning("batch %s: %d lines the database refused failed", batch_id, refused)
 
     def _announce(self, batch_id: str) -> None:
         """Workers drop the batch's lines that have not reached a slot yet."""
@@ -169,6 +270,7 @@ class BatchScheduler:
 
     def _cancel_lines(self, batch_id: str) -> None:
         with self.db.begin() as conn:
+            self.lead.check(conn)
             conn.execute(
                 update(LINES)
                 .where(LINES.c.batch_id == batch_id, LINES.c.state.in_((b.PENDING, b.QUEUED)))
@@ -177,6 +279,7 @@ class BatchScheduler:
 
     def _expire(self, batch_id: str) -> None:
         with self.db.begin() as conn:
+            self.lead.check(conn)
             conn.execute(
                 update(LINES)
                 .where(LINES.c.batch_id == batch_id, LINES.c.state.in_(b.LIVE_STATES))
@@ -186,123 +289,36 @@ class BatchScheduler:
         self._finish(batch_id, b.BATCH_EXPIRED)
 
     def _finish(self, batch_id: str, status: str) -> None:
-        output_id, error_id = output.write_files(self.db, batch_id=batch_id)
-        store.set_status(
-            self.db,
-            batch_id=batch_id,
-            status=status,
-            output_file_id=output_id,
-            error_file_id=error_id,
+        output_id, error_id = output.write_files(
+            self.db, batch_id=batch_id, keepalive=self.lead.keepalive
         )
+        try:
+            self._set(batch_id, status, output_file_id=output_id, error_file_id=error_id)
+        except BaseException:
+            # Not this attempt's files after all (a newer leader, an outage):
+            # whoever finishes the batch writes its own.
+            output.discard(self.db, output_id, error_id)
+            raise
         log.info("batch %s %s", batch_id, status)
 
-    # -- leases and feeding ---------------------------------------------------------
-
-    def _reclaim(self) -> None:
-        """Lines whose lease ran out: back to pending, or failed once lost
-        `batch_max_attempts` times while running."""
-        now = utcnow()
-        lapsed = (
-            LINES.c.state.in_((b.QUEUED, b.RUNNING)),
-            LINES.c.lease_until < now,
-        )
-        limit = self.settings.batch_max_attempts
-        lost = b.http_result(
-            500,
-            error_body(
-                f"the worker running this request was lost {limit} times",
-                type="server_error",
-                code="worker_lost",
-            ),
-        )
-        with self.db.begin() as conn:
-            failed = conn.execute(
-                update(LINES)
-                .where(*lapsed, LINES.c.attempts >= limit)
-                .values(state=b.FAILED, result=lost, finished_at=now, lease_until=None)
-            ).rowcount
-            back = conn.execute(
-                update(LINES)
-                .where(*lapsed)
-                .values(state=b.PENDING, chunk=None, worker=None, lease_until=None)
-            ).rowcount
-        if failed or back:
-            log.warning(
-                "bulk lines with lapsed leases: %d back to pending, %d failed", back, failed
-            )
+    # -- feeding ------------------------------------------------------------------
 
     def _live_slots(self) -> dict[str, int]:
-        """Live worker slots per model, from the workers' heartbeats."""
-        slots: dict[str, int] = {}
-        now = time.time()
-        for raw in self.redis.hgetall(keys.WORKERS).values():
-            try:
-                info: dict[str, Any] = json.loads(raw)
-            except ValueError:
-                continue
-            if info.get("expires_at", 0) > now:
-                slots[info["model"]] = slots.get(info["model"], 0) + int(info.get("slots", 1))
-        return slots
+        return feeding.live_slots(self.redis)
 
     def _feed(self) -> None:
         slots = self._live_slots()
         if not slots:
             return
-        waiting = (
-            select(LINES.c.model)
-            .distinct()
-            .select_from(LINES.join(BATCHES, BATCHES.c.id == LINES.c.batch_id))
-            .where(LINES.c.state == b.PENDING, BATCHES.c.status == b.IN_PROGRESS)
-        )
-        with self.db.connect() as conn:
-            models = [r[0] for r in conn.execute(waiting)]
-        for model in models:
-            if model in slots:
-                self._feed_model(model, slots[model])
-
-    def _feed_model(self, model: str, slots: int) -> None:
-        chunk_lines = self.settings.batch_chunk_lines
-        with self.db.connect() as conn:
-            inflight = conn.execute(
-                select(func.count()).where(
-                    LINES.c.model == model, LINES.c.state.in_((b.QUEUED, b.RUNNING))
+        for model in feeding.waiting_models(self.db):
+            if model not in slots:
+                continue
+            try:
+                feeding.feed_model(
+                    self.db, self.settings, self.celery, self.lead.check, model, slots[model]
                 )
-            ).scalar_one()
-        room = slots * self.settings.batch_inflight_per_slot - int(inflight)
-        # Top up in whole chunks where the backlog allows: a line at a time
-        # would be a queue message and a claim per line.
-        if inflight and room < max(1, chunk_lines // 2):
-            return
-        while room > 0:
-            chunk = f"chunk_{uuid.uuid4().hex}"
-            take = min(chunk_lines, room)
-            pick = (
-                select(LINES.c.batch_id, LINES.c.line)
-                .select_from(LINES.join(BATCHES, BATCHES.c.id == LINES.c.batch_id))
-                .where(
-                    LINES.c.model == model,
-                    LINES.c.state == b.PENDING,
-                    BATCHES.c.status == b.IN_PROGRESS,
-                )
-                .order_by(BATCHES.c.created_at, LINES.c.batch_id, LINES.c.line)
-                .limit(take)
-                .with_for_update(of=LINES, skip_locked=True)
-            )
-            lease = utcnow() + timedelta(seconds=self.settings.batch_lease)
-            queue = (
-                update(LINES)
-                .where(
-                    LINES.c.batch_id == bindparam("b_batch"), LINES.c.line == bindparam("b_line")
-                )
-                .values(state=b.QUEUED, chunk=chunk, lease_until=lease)
-            )
-            with self.db.begin() as conn:
-                picked = conn.execute(pick).all()
-                if picked:
-                    conn.execute(queue, [{"b_batch": bid, "b_line": line} for bid, line in picked])
-            if not picked:
-                return
-            # Sent after the commit: if this process dies in between, the
-            # lease runs out and the lines are queued again.
-            self.celery.send_task(keys.TASK_BULK, args=[chunk], queue=keys.bulk_queue(model))
-            room -= len(picked)
+            except ABORT_PASS:
+                raise
+            except Exception:
+                # One model's lines must not keep the others waiting.
+                log.exception("batch scheduler: feeding model %s failed", model)

@@ -5,15 +5,17 @@ its own thread)."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, func, insert, select, update
+from sqlalchemy import Connection, Engine, func, insert, select, update
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
-from api.batches.validate import Line
+from api.batches.validate import Line, safe_text, text_problem
 from schemas import batches as b
+from schemas.openai import error_body
 from schemas.tables import BATCH_LINES as LINES
 from schemas.tables import BATCHES, BatchRecord, aware, plausible_id, utcnow
 
@@ -110,7 +112,14 @@ def batch_object(record: BatchRecord, request_counts: b.RequestCounts) -> b.Batc
     )
 
 
-def set_status(db: Engine, *, batch_id: str, status: str, **fields: Any) -> None:
+# Called first in a transaction of the batch scheduler: raises when this
+# process is no longer the leader (api.batches.leader.Leadership.check).
+Fence = Callable[[Connection], None]
+
+
+def set_status(
+    db: Engine, *, batch_id: str, status: str, fence: Fence | None = None, **fields: Any
+) -> None:
     stamp = {
         b.IN_PROGRESS: "in_progress_at",
         b.FINALIZING: "finalizing_at",
@@ -124,37 +133,108 @@ def set_status(db: Engine, *, batch_id: str, status: str, **fields: Any) -> None
     if stamp:
         values[stamp] = utcnow()
     with db.begin() as conn:
+        if fence is not None:
+            fence(conn)
         conn.execute(update(BATCHES).where(BATCHES.c.id == batch_id).values(**values))
 
 
-def insert_lines(db: Engine, *, batch_id: str, lines: Sequence[Line]) -> None:
+def _row(batch_id: str, line: Line, now: datetime) -> dict[str, Any]:
+    return {
+        "batch_id": batch_id,
+        "line": line.line,
+        "custom_id": line.custom_id,
+        "request_id": line.request_id,
+        "model": line.model,
+        "job": line.job,
+        "state": line.state,
+        "attempts": 0,
+        "result": line.result,
+        "finished_at": None if line.job is not None else now,
+    }
+
+
+def _refused(line: Line, exc: Exception) -> Line:
+    """A line the database would not store, as a line that failed with a 400."""
+    message = safe_text(f"the request holds a value the database cannot store: {exc}", 500)
+    body = error_body(message, type="invalid_request_error", code="invalid_request_error")
+    model = line.model if not text_problem(line.model) else ""
+    custom_id = line.custom_id if not text_problem(line.custom_id) else safe_text(line.custom_id)
+    return Line(line.line, custom_id, line.request_id, model, None, b.http_result(400, body))
+
+
+def insert_lines(
+    db: Engine,
+    *,
+    batch_id: str,
+    lines: Sequence[Line],
+    fence: Fence | None = None,
+    careful: bool = False,
+) -> int:
     """All of a batch's lines, then in_progress, in one transaction: a crash
-    halfway leaves the batch validating, and validation starts over."""
+    halfway leaves the batch validating, and validation starts over.
+
+    `careful`: each line in a savepoint of its own, and a line the database
+    refuses (a value validation did not foresee) is stored as a failed line
+    instead; for a second try after the fast path raised. Returns how many
+    lines were refused."""
     now = utcnow()
+    refused = 0
     with db.begin() as conn:
+        if fence is not None:
+            fence(conn)
         conn.execute(LINES.delete().where(LINES.c.batch_id == batch_id))
-        for start in range(0, len(lines), INSERT_ROWS):
-            rows = [
-                {
-                    "batch_id": batch_id,
-                    "line": line.line,
-                    "custom_id": line.custom_id,
-                    "request_id": line.request_id,
-                    "model": line.model,
-                    "job": line.job,
-                    "state": line.state,
-                    "attempts": 0,
-                    "result": line.result,
-                    "finished_at": None if line.job is not None else now,
-                }
-                for line in lines[start : start + INSERT_ROWS]
-            ]
-            conn.execute(insert(LINES), rows)
+        if careful:
+            for line in lines:
+                try:
+                    with conn.begin_nested():
+                        conn.execute(insert(LINES), [_row(batch_id, line, now)])
+                except Exception as exc:
+                    # An outage is not a refusal: let it fail the pass.
+                    if isinstance(exc, (OperationalError, InterfaceError)) or (
+                        isinstance(exc, DBAPIError) and exc.connection_invalidated
+                    ):
+                        raise
+                    refused += 1
+                    conn.execute(insert(LINES), [_row(batch_id, _refused(line, exc), now)])
+        else:
+            for start in range(0, len(lines), INSERT_ROWS):
+                rows = [_row(batch_id, line, now) for line in lines[start : start + INSERT_ROWS]]
+                conn.execute(insert(LINES), rows)
         conn.execute(
             update(BATCHES)
             .where(BATCHES.c.id == batch_id, BATCHES.c.status == b.VALIDATING)
             .values(status=b.IN_PROGRESS, in_progress_at=now)
         )
+    return refused
+
+
+def fail_batch(db: Engine, *, batch_id: str, reason: str, fence: Fence | None = None) -> bool:
+    """A batch the scheduler could not move on: `failed`, with `reason` in its
+    errors (code internal_error); its lines that have not reached a worker
+    fail with a 500 too (those running finish, and are not written out).
+    False when the batch had already ended."""
+    now = utcnow()
+    message = safe_text(reason, 1000)
+    errors = {
+        "object": "list",
+        "data": [{"code": "internal_error", "message": message, "param": None, "line": None}],
+    }
+    result = b.http_result(500, error_body(message, type="server_error", code="internal_error"))
+    with db.begin() as conn:
+        if fence is not None:
+            fence(conn)
+        moved = conn.execute(
+            update(BATCHES)
+            .where(BATCHES.c.id == batch_id, BATCHES.c.status.in_(b.ACTIVE_STATUSES))
+            .values(status=b.BATCH_FAILED, failed_at=now, errors=errors)
+        ).rowcount
+        if moved:
+            conn.execute(
+                update(LINES)
+                .where(LINES.c.batch_id == batch_id, LINES.c.state.in_((b.PENDING, b.QUEUED)))
+                .values(state=b.FAILED, result=result, finished_at=now, lease_until=None)
+            )
+    return bool(moved)
 
 
 def request_cancel(db: Engine, *, batch_id: str) -> bool:

@@ -5,13 +5,20 @@ lacks a `custom_id`, names another endpoint, repeats a `custom_id`, or too many
 lines) fails the whole batch, with `errors` naming each line and why, as
 OpenAI does. A well-formed line whose request is bad (a parameter out of
 range, an unknown model) fails alone: it gets the 400/404 the same request
-would get on its own, in the error file, and its neighbours run."""
+would get on its own, in the error file, and its neighbours run.
+
+Nothing a line holds may raise out of `parse`: not JSON that is nested too
+deeply, not invalid UTF-8, not an exception the request models or job
+builders did not foresee (that line fails with a 400 naming the exception),
+not a value the database cannot store (NUL in text, unpaired surrogates,
+Infinity and NaN in json: a 400 for that line)."""
 
 from __future__ import annotations
 
 import json
+import logging
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +31,8 @@ from schemas import batches as b
 from schemas.embeddings import EmbeddingRequest, RerankRequest
 from schemas.openai import ChatCompletionRequest, CompletionRequest, error_body
 from schemas.registry import Registry
+
+log = logging.getLogger("inferq.batches")
 
 # Errors listed per failed batch; past this, one more says how many were left out.
 MAX_REPORTED_ERRORS = 100
@@ -123,65 +132,175 @@ class LineReader:
         return model, b.line_job("embed", payload, options)
 
 
-def parse(raw_lines: Iterable[bytes], endpoint: str, reader: LineReader) -> Parsed:
+# How often (in lines) a long validation calls its keepalive: the scheduler
+# renews its leader lock there, and learns early when it lost it.
+KEEPALIVE_LINES = 500
+
+
+def text_problem(value: str) -> str | None:
+    """Why `value` cannot be stored as database text, or None."""
+    if "\x00" in value:
+        return "holds a NUL character"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return "holds an unpaired surrogate (such as \\ud800), which is not valid Unicode"
+    return None
+
+
+def json_problem(value: object) -> str | None:
+    """Why `value` cannot be stored in a JSON column and read back as it was
+    written, or None. Postgres refuses Infinity and NaN in json; an unpaired
+    surrogate is stored but comes back as text no tokenizer can encode."""
+    try:
+        json.dumps(value, ensure_ascii=False, allow_nan=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return "holds an unpaired surrogate (such as \\ud800), which is not valid Unicode"
+    except ValueError:
+        return "holds a number that is not finite (Infinity or NaN, or one beyond a double)"
+    except RecursionError:
+        return "is nested too deeply"
+    return None
+
+
+def safe_text(value: str, limit: int = 2000) -> str:
+    """`value` made storable (for messages of our own that may quote input)."""
+    cleaned = value.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")
+    return cleaned[:limit]
+
+
+def _json_line(raw: bytes) -> tuple[Any, str | None]:
+    """(the parsed line, None) or (None, why it is not JSON)."""
+    try:
+        return json.loads(raw), None
+    except RecursionError:
+        return None, "this line is nested too deeply to be read"
+    except UnicodeDecodeError:
+        return None, "this line is not valid UTF-8"
+    except ValueError as exc:
+        # Includes integers beyond Python's 4300-digit conversion limit.
+        return None, safe_text(f"this line is not valid JSON: {exc}", 300)
+
+
+def _rejected(
+    index: int, custom_id: str, request_id: str, body: dict[str, Any], exc: APIError
+) -> Line:
+    named = body.get("model")
+    model = named.replace("\x00", "")[:255] if isinstance(named, str) else ""
+    if text_problem(model):
+        model = ""
+    exc.message = safe_text(exc.message)
+    return Line(index, custom_id, request_id, model, None, _line_error(exc))
+
+
+def read_request(reader: LineReader, index: int, custom_id: str, body: dict[str, Any]) -> Line:
+    """One well-formed line's request as a Line: its job, or the 4xx it gets.
+    Whatever goes wrong while building the job (a bug included) fails this
+    line alone; nothing raised here may stop the batch or the scheduler."""
+    request_id = f"batch_req_{uuid.uuid4().hex}"
+    try:
+        model, job = reader.job(body)
+        problem = json_problem(job) or text_problem(model)
+        if problem:
+            raise APIError(400, f"the request {problem}", param="body")
+        return Line(index, custom_id, request_id, model, job)
+    except APIError as exc:
+        return _rejected(index, custom_id, request_id, body, exc)
+    except RecursionError:
+        error = APIError(400, "the request is nested too deeply", param="body")
+        return _rejected(index, custom_id, request_id, body, error)
+    except Exception as exc:
+        # Not foreseen by the request models (the same body sent to the
+        # endpoint directly may fare no better): the line fails with a 400
+        # that says what broke, and the cause is logged.
+        log.warning(
+            "batch line %d (%s): request could not be read", index, custom_id, exc_info=True
+        )
+        message = f"the request could not be read: {type(exc).__name__}: {exc}"
+        return _rejected(index, custom_id, request_id, body, APIError(400, message, param="body"))
+
+
+def _structure(
+    item: Any, number: int, endpoint: str, seen: set[str], parsed: Parsed
+) -> tuple[str, dict[str, Any]] | None:
+    """(custom_id, body) of a line that is a batch line; else its error is
+    recorded and None returned."""
+    if not isinstance(item, dict):
+        parsed.error(number, "invalid_request", "a line must be a JSON object")
+        return None
+    custom_id = item.get("custom_id")
+    if not isinstance(custom_id, str) or not custom_id:
+        parsed.error(number, "missing_custom_id", "custom_id must be a non-empty string")
+        return None
+    if len(custom_id) > 512 or text_problem(custom_id):
+        parsed.error(
+            number,
+            "invalid_custom_id",
+            "custom_id may hold at most 512 characters, no NUL and only valid Unicode",
+            "custom_id",
+        )
+        return None
+    if custom_id in seen:
+        parsed.error(
+            number, "duplicate_custom_id", f"custom_id {custom_id!r} appears twice", "custom_id"
+        )
+        return None
+    seen.add(custom_id)
+    if item.get("method") != "POST":
+        parsed.error(number, "invalid_method", "method must be POST", "method")
+        return None
+    if item.get("url") != endpoint:
+        got = safe_text(repr(item.get("url")), 200)
+        parsed.error(
+            number,
+            "mismatched_url",
+            f"url must be the batch's endpoint, {endpoint} (got {got})",
+            "url",
+        )
+        return None
+    body = item.get("body")
+    if not isinstance(body, dict):
+        parsed.error(number, "invalid_body", "body must be a JSON object", "body")
+        return None
+    return custom_id, body
+
+
+def parse(
+    raw_lines: Iterable[bytes],
+    endpoint: str,
+    reader: LineReader,
+    keepalive: Callable[[], None] | None = None,
+) -> Parsed:
+    """Every line of a batch file. Never raises for anything a line holds:
+    a line that is not a batch line is an error of the file, naming it; a
+    batch line whose request is bad fails alone. `keepalive` is called every
+    KEEPALIVE_LINES lines (and may raise to abandon the validation)."""
     parsed = Parsed()
     seen: set[str] = set()
     index = 0
     for number, raw in enumerate(raw_lines, start=1):
+        if keepalive is not None and number % KEEPALIVE_LINES == 0:
+            keepalive()
         if not raw.strip():
             continue
         if index >= b.MAX_LINES:
             parsed.error(number, "too_many_requests", f"a batch holds at most {b.MAX_LINES} lines")
             break
+        item, why = _json_line(raw)
+        if why is not None:
+            parsed.error(number, "invalid_json_line", why)
+            continue
         try:
-            item = json.loads(raw)
-        except ValueError:
-            parsed.error(number, "invalid_json_line", "this line is not valid JSON")
+            found = _structure(item, number, endpoint, seen, parsed)
+            if found is None:
+                continue
+            line = read_request(reader, index, *found)
+        except Exception:
+            # Last resort: nothing a line holds may escape validation.
+            log.warning("batch file line %d could not be read", number, exc_info=True)
+            parsed.error(number, "invalid_request", "this line could not be read as a batch line")
             continue
-        if not isinstance(item, dict):
-            parsed.error(number, "invalid_request", "a line must be a JSON object")
-            continue
-        custom_id = item.get("custom_id")
-        if not isinstance(custom_id, str) or not custom_id:
-            parsed.error(number, "missing_custom_id", "custom_id must be a non-empty string")
-            continue
-        if "\x00" in custom_id or len(custom_id) > 512:
-            parsed.error(
-                number,
-                "invalid_custom_id",
-                "custom_id may hold at most 512 characters and no NUL",
-                "custom_id",
-            )
-            continue
-        if custom_id in seen:
-            parsed.error(
-                number, "duplicate_custom_id", f"custom_id {custom_id!r} appears twice", "custom_id"
-            )
-            continue
-        seen.add(custom_id)
-        if item.get("method") != "POST":
-            parsed.error(number, "invalid_method", "method must be POST", "method")
-            continue
-        if item.get("url") != endpoint:
-            parsed.error(
-                number,
-                "mismatched_url",
-                f"url must be the batch's endpoint, {endpoint} (got {item.get('url')!r})",
-                "url",
-            )
-            continue
-        body = item.get("body")
-        if not isinstance(body, dict):
-            parsed.error(number, "invalid_body", "body must be a JSON object", "body")
-            continue
-        request_id = f"batch_req_{uuid.uuid4().hex}"
-        try:
-            model, job = reader.job(body)
-            parsed.lines.append(Line(index, custom_id, request_id, model, job))
-        except APIError as exc:
-            named = body.get("model")
-            model = named.replace("\x00", "")[:255] if isinstance(named, str) else ""
-            parsed.lines.append(Line(index, custom_id, request_id, model, None, _line_error(exc)))
+        parsed.lines.append(line)
         index += 1
     if not parsed.lines and not parsed.errors:
         parsed.error(None, "empty_file", "the input file holds no requests")

@@ -12,10 +12,11 @@ from api import files_store
 from api.batches import store
 from api.deps import DbDep, RedisDep
 from api.errors import APIError
+from api.routing import StrictJSONRoute
 from schemas import batches as b
 from schemas import keys
 
-router = APIRouter(tags=["batches"])
+router = APIRouter(tags=["batches"], route_class=StrictJSONRoute)
 
 
 def _wake(request: Request) -> None:

@@ -5,23 +5,30 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from api.catalog import Catalog, require_feature
+from api.catalog import Catalog
 from api.deps import CatalogDep, RunnerDep
 from api.errors import from_event
+from api.routing import StrictJSONRoute
 from api.serving.embedding_bodies import VectorResponse, embedding_body, rerank_body
 from api.serving.jobs import ClientGone, JobRunner, unless_disconnected
-from api.serving.requests import embedding_job, new_request_id, rerank_job
+from api.serving.requests import (
+    bad_request,
+    check_inputs,
+    embedding_job,
+    new_request_id,
+    rerank_job,
+)
 from schemas.embeddings import EmbeddingRequest, LlamaEmbeddingRequest, RerankRequest
 from schemas.events import Embeddings, ErrorEvent
 from schemas.jobs import EmbedJob
 
-router = APIRouter(tags=["embeddings"])
+router = APIRouter(tags=["embeddings"], route_class=StrictJSONRoute)
 
 
 async def _model(catalog: Catalog, name: str | None, request: Request, feature: str) -> str:
-    model = await catalog.require(name, authorization=request.headers.get("authorization"))
-    require_feature(catalog.registry.models.get(model), model, feature)
-    return model
+    return await catalog.require(
+        name, authorization=request.headers.get("authorization"), feature=feature
+    )
 
 
 async def _run(request: Request, runner: JobRunner, job: EmbedJob) -> Embeddings | Response:
@@ -42,6 +49,7 @@ async def _run(request: Request, runner: JobRunner, job: EmbedJob) -> Embeddings
 
 
 @router.post("/v1/embeddings", response_model=None)
+@router.post("/embeddings", response_model=None, include_in_schema=False)
 async def embeddings(
     body: EmbeddingRequest, request: Request, catalog: CatalogDep, runner: RunnerDep
 ) -> Response:
@@ -58,11 +66,18 @@ async def llama_embedding(
     body: LlamaEmbeddingRequest, request: Request, catalog: CatalogDep, runner: RunnerDep
 ) -> Response:
     """llama-server's shape: [{"index", "embedding": [vector]}]."""
-    model = await _model(catalog, body.model, request, "embeddings")
-    items = EmbeddingRequest(input=body.content).items()
-    job = EmbedJob(
-        request_id=new_request_id("embd"), model=model, inputs=items, truncate=body.truncate
-    )
+    # llama-server clients name no model: the first embedding model.
+    if body.model is None and request.headers.get("authorization") is None:
+        model = await catalog.default("embeddings")
+        await catalog.require(model, feature="embeddings")
+    else:
+        model = await _model(catalog, body.model, request, "embeddings")
+    with bad_request():
+        items = EmbeddingRequest(input=body.content).items()
+        check_inputs(len(items), "content")
+        job = EmbedJob(
+            request_id=new_request_id("embd"), model=model, inputs=items, truncate=body.truncate
+        )
     result = await _run(request, runner, job)
     if isinstance(result, Response):
         return result

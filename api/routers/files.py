@@ -10,12 +10,12 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, File, Form, Query, Request, Response, UploadFile
 from fastapi.responses import StreamingResponse
-from fastapi.routing import APIRoute
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
 from api import files_store
 from api.deps import DbDep, SettingsDep
 from api.errors import APIError
+from api.routing import StrictJSONRoute
 from schemas.files import UPLOAD_PURPOSES, FileDeleted, FileList, FileObject
 from schemas.settings import Settings
 from schemas.tables import FileRecord
@@ -35,7 +35,7 @@ def _too_large(limit: int) -> APIError:
     )
 
 
-class _UploadRoute(APIRoute):
+class _UploadRoute(StrictJSONRoute):
     """FastAPI parses a form (Starlette spools the file to disk) before any
     dependency or the endpoint runs, so an upload that declares a length far
     past the limit is refused here, before its bytes are read. Uploads sent

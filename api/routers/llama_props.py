@@ -14,11 +14,12 @@ from pydantic import ValidationError
 
 from api.deps import CatalogDep, RedisDep, SettingsDep
 from api.errors import APIError
+from api.routing import StrictJSONRoute
 from api.serving.llama_common import load_overrides, pick_model, save_overrides
 from schemas import keys
 from schemas.llama_server import WRITABLE_PROPS, CompletionRequest
 
-router = APIRouter(tags=["llama.cpp"])
+router = APIRouter(tags=["llama.cpp"], route_class=StrictJSONRoute)
 _RANDOM_SEED = 0xFFFFFFFF
 
 
@@ -102,7 +103,7 @@ async def set_props(
         )
     try:
         body = await request.json()
-    except ValueError:
+    except (ValueError, RecursionError):
         raise APIError(400, "the request body is not valid JSON") from None
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")

@@ -16,8 +16,10 @@ from starlette.concurrency import run_in_threadpool
 from api.catalog import Catalog
 from api.deps import CatalogDep, RunnerDep
 from api.errors import APIError
+from api.routing import StrictJSONRoute
 from api.serving.llama_common import load_overrides, pick_model
 from api.serving.llama_completion import serve_completion
+from api.serving.requests import bad_request, check_generate
 from api.vocab import Vocab, VocabCache, VocabUnavailable
 from schemas.jobs import GenerateJob, SamplingOptions
 from schemas.llama_server import (
@@ -28,7 +30,7 @@ from schemas.llama_server import (
     TokenizeRequest,
 )
 
-router = APIRouter(tags=["llama.cpp"])
+router = APIRouter(tags=["llama.cpp"], route_class=StrictJSONRoute)
 Body = TypeVar("Body", bound=LlamaOptions)
 
 
@@ -62,16 +64,21 @@ def _sampling(body: LlamaOptions) -> SamplingOptions:
         raise _invalid(exc) from exc
 
 
-def _job(body: LlamaOptions, model: str, endpoint: str, **fields: Any) -> GenerateJob:
-    return GenerateJob(
-        request_id=f"llamacmpl-{uuid.uuid4().hex}",
-        model=model,
-        endpoint=endpoint,  # type: ignore[arg-type]
-        sampling=_sampling(body),
-        stream=body.stream,
-        id_slot=None if body.id_slot < 0 else body.id_slot,
-        **fields,
-    )
+def _job(
+    request: Request, catalog: Catalog, body: LlamaOptions, model: str, endpoint: str, **fields: Any
+) -> GenerateJob:
+    sampling = _sampling(body)
+    with bad_request():
+        job = GenerateJob(
+            request_id=f"llamacmpl-{uuid.uuid4().hex}",
+            model=model,
+            endpoint=endpoint,  # type: ignore[arg-type]
+            sampling=sampling,
+            stream=body.stream,
+            id_slot=None if body.id_slot < 0 else body.id_slot,
+            **fields,
+        )
+    return check_generate(job, catalog.registry.models.get(model), request.app.state.settings)
 
 
 @router.post("/completion", response_model=None)
@@ -83,7 +90,7 @@ async def completion(
     evaluated verbatim, without the model's completion template."""
     model = await pick_model(catalog, body.model)
     body = await _with_defaults(body, request, model)
-    job = _job(body, model, "llama.completion", prompt_parts=body.prompt_parts())
+    job = _job(request, catalog, body, model, "llama.completion", prompt_parts=body.prompt_parts())
     return await serve_completion(request, runner, job, body.echo())
 
 
@@ -94,7 +101,7 @@ async def infill(
     """Fill in the middle, with the model's FIM tokens (a 400 when it has none)."""
     model = await pick_model(catalog, body.model)
     body = await _with_defaults(body, request, model)
-    job = _job(body, model, "llama.infill", infill=body.infill())
+    job = _job(request, catalog, body, model, "llama.infill", infill=body.infill())
     return await serve_completion(request, runner, job, body.echo())
 
 

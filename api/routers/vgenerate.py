@@ -9,15 +9,17 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from api.catalog import GENERATION
 from api.deps import CatalogDep, RunnerDep
+from api.routing import StrictJSONRoute
 from api.serving import bodies
 from api.serving.chunks import DONE, ChunkFormat
 from api.serving.generate import SSE_HEADERS, serve
-from api.serving.requests import new_request_id
+from api.serving.requests import bad_request, check_generate, new_request_id
 from schemas.jobs import BeamOptions, GenerateJob
 from schemas.openai import GenerateRequest
 
-router = APIRouter(tags=["generation"])
+router = APIRouter(tags=["generation"], route_class=StrictJSONRoute)
 
 
 def _mock(body: GenerateRequest, model: str) -> Response:
@@ -61,25 +63,29 @@ def _mock(body: GenerateRequest, model: str) -> Response:
 async def generate(
     body: GenerateRequest, request: Request, catalog: CatalogDep, runner: RunnerDep
 ) -> Response:
-    model = await catalog.require(body.model, authorization=request.headers.get("authorization"))
+    model = await catalog.require(
+        body.model, authorization=request.headers.get("authorization"), feature=GENERATION
+    )
     if body.mock_response is not None:
         return _mock(body, model)
     beam = None
-    if body.use_beam_search:
-        beam = BeamOptions(
-            width=body.width,
-            length_penalty=body.length_penalty,
-            early_stopping=body.early_stopping,
+    with bad_request():
+        if body.use_beam_search:
+            beam = BeamOptions(
+                width=body.width,
+                length_penalty=body.length_penalty,
+                early_stopping=body.early_stopping,
+            )
+        job = GenerateJob(
+            request_id=new_request_id("gen"),
+            model=model,
+            endpoint="generate" if body.prompt is not None else "generate.chat",
+            prompt=body.prompt,
+            messages=[m.flatten() for m in body.messages] if body.messages else None,
+            sampling=body.sampling(),
+            stream=body.stream,
+            beam=beam,
         )
-    job = GenerateJob(
-        request_id=new_request_id("gen"),
-        model=model,
-        endpoint="generate" if body.prompt is not None else "generate.chat",
-        prompt=body.prompt,
-        messages=[m.flatten() for m in body.messages] if body.messages else None,
-        sampling=body.sampling(),
-        stream=body.stream,
-        beam=beam,
-    )
+    check_generate(job, catalog.registry.models.get(model), request.app.state.settings)
     render = bodies.generate_body(body.n, with_logprobs=body.logprobs is not None)
     return await serve(request, runner, job, include_usage=False, render=render)

@@ -1,5 +1,9 @@
 """Queue a job and follow its events: subscribe first, then enqueue, then
-relay; cancel the job when the client goes away."""
+relay; cancel the job when the client goes away.
+
+Bounds: until a worker accepts the job, `request_timeout` (a 504 after it).
+Once accepted the job runs to its token budget: what ends it early is the
+heartbeat watch (api/serving/watch.py), when that worker dies."""
 
 from __future__ import annotations
 
@@ -15,10 +19,14 @@ from typing import TypeVar
 import redis.asyncio as aioredis
 from celery import Celery
 from fastapi import Request
+from kombu.exceptions import OperationalError
+from redis.exceptions import RedisError
 from starlette.concurrency import run_in_threadpool
 
 from api.errors import APIError
-from api.hub import StreamHub
+from api.hub import StreamHub, redis_unavailable
+from api.serving import backpressure
+from api.serving.watch import Tracked
 from schemas import keys
 from schemas.events import Accepted, Done, Embeddings, ErrorEvent, Event, TokenEvent, decode
 from schemas.jobs import EmbedJob, GenerateJob
@@ -28,31 +36,50 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+def _timed_out() -> APIError:
+    return APIError(504, "the request timed out waiting for a worker")
+
+
 @dataclass
 class JobStream:
     """The live event stream of one queued job."""
 
     job: GenerateJob | EmbedJob
     queue: asyncio.Queue[bytes]
+    tracked: Tracked
     finished: bool = False
+    # Until a worker accepts the job (monotonic).
     deadline: float = field(default=0.0)
     ping_interval: float = 15.0
+    # The id the job runs under now: the job's own, or the id of the copy
+    # queued again after its worker died (see JobRunner._requeue).
+    request_id: str = ""
+    attempt_channels: list[bytes] = field(default_factory=list)
 
     async def next(self, *, idle: float | None = None) -> Event | None:
         """The next event; None when `idle` seconds pass without one."""
-        remaining = self.deadline - time.monotonic()
-        if remaining <= 0:
-            raise APIError(504, "the request timed out waiting for a worker")
-        wait = remaining if idle is None else min(idle, remaining)
+        wait = idle
+        if self.tracked.worker_id is None:
+            remaining = self.deadline - time.monotonic()
+            if remaining <= 0:
+                raise _timed_out()
+            wait = remaining if idle is None else min(idle, remaining)
         try:
             raw = await asyncio.wait_for(self.queue.get(), timeout=wait)
         except TimeoutError:
             if idle is not None and wait == idle:
                 return None
-            raise APIError(504, "the request timed out waiting for a worker") from None
+            raise _timed_out() from None
         event = decode(raw)
-        if isinstance(event, (Done, ErrorEvent, Embeddings)):
+        if isinstance(event, TokenEvent):
+            self.tracked.progressed = True
+        elif isinstance(event, Accepted):
+            # From here the worker's heartbeat, not request_timeout, bounds it.
+            if event.worker_id:
+                self.tracked.worker_id = event.worker_id
+        elif isinstance(event, (Done, ErrorEvent, Embeddings)):
             self.finished = True
+            self.tracked.ended = True
         return event
 
     async def first(self, *, patience: float) -> Event | None:
@@ -82,7 +109,7 @@ class JobRunner:
     hub: StreamHub
     celery: Celery
 
-    async def _enqueue(self, job: GenerateJob | EmbedJob) -> None:
+    async def _enqueue(self, job: GenerateJob | EmbedJob, *, expires: float | None = None) -> None:
         task = keys.TASK_EMBED if isinstance(job, EmbedJob) else keys.TASK_GENERATE
 
         def send() -> None:
@@ -91,42 +118,89 @@ class JobRunner:
                 args=[job.model_dump(mode="json")],
                 queue=keys.model_queue(job.model),
                 # A job nobody waits for any more is dropped, not run.
-                expires=self.settings.request_timeout,
+                expires=expires if expires is not None else self.settings.request_timeout,
             )
 
-        await run_in_threadpool(send)
+        try:
+            await run_in_threadpool(send)
+        except (OperationalError, RedisError, OSError) as exc:
+            # Redis down: kombu's bounded retries are spent (schemas/queue.py).
+            raise redis_unavailable(exc) from exc
 
-    async def cancel(self, job: GenerateJob | EmbedJob) -> None:
+    async def cancel(self, job: GenerateJob | EmbedJob, request_id: str | None = None) -> None:
+        await self._mark_cancelled(job.model, request_id or job.request_id, b"1")
+
+    async def _mark_cancelled(self, model: str, request_id: str, value: bytes) -> None:
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
                 pipe.set(
-                    keys.cancel_key(job.request_id),
-                    1,
+                    keys.cancel_key(request_id),
+                    value,
                     ex=max(1, math.ceil(self.settings.request_timeout)),
                 )
-                pipe.publish(keys.cancel_channel(job.model), job.request_id)
+                pipe.publish(keys.cancel_channel(model), request_id)
                 await pipe.execute()
-        except Exception:
-            log.exception("could not cancel %s", job.request_id)
+        except Exception as exc:
+            # Redis down: the worker notices no one listens and stops it then.
+            log.warning("could not cancel %s: %s", request_id, exc)
 
     @contextlib.asynccontextmanager
     async def run(self, job: GenerateJob | EmbedJob) -> AsyncIterator[JobStream]:
+        # A model without a live worker: a 503 now, not a wait for the timeout.
+        await self.hub.watch.require_worker(job.model)
         async with self.hub.subscribe(keys.stream_channel(job.request_id)) as queue:
             if isinstance(job, GenerateJob):
                 job.enqueued_at = time.time()
+            await backpressure.admit(self.redis, self.settings, job.model)
             await self._enqueue(job)
             stream = JobStream(
                 job,
                 queue,
+                Tracked(job.model, queue, requeue=lambda: self._requeue(stream)),
                 deadline=time.monotonic() + self.settings.request_timeout,
                 ping_interval=self.settings.sse_ping_interval,
+                request_id=job.request_id,
             )
+            self.hub.watch.add(stream.tracked)
             try:
                 yield stream
             finally:
-                if not stream.finished:
-                    # The client left (or timed out) before the end.
-                    self.hub.spawn(self.cancel(job))
+                self.hub.watch.discard(stream.tracked)
+                for channel in stream.attempt_channels:
+                    self.hub.detach(channel)
+                if not stream.finished or stream.tracked.abandoned:
+                    # The client left (or timed out) before the end, or the API
+                    # ended the stream itself (worker lost, Redis gone).
+                    self.hub.spawn(self.cancel(job, stream.request_id))
+
+    async def _requeue(self, stream: JobStream) -> bool:
+        """Queue the job again under a new id because its worker died before
+        sending the client anything. The old id is detached first (a late
+        event of it can never reach this stream) and its cancel key set, so a
+        copy of it still queued, or redelivered by Celery, is dropped."""
+        tracked, job = stream.tracked, stream.job
+        if tracked.ended:
+            return True
+        old = stream.request_id
+        new = f"{job.request_id}.{tracked.requeues + 1}"
+        old_channel = keys.stream_channel(old).encode()
+        new_channel = keys.stream_channel(new).encode()
+        self.hub.detach(old_channel)
+        await self.hub.attach(new_channel, stream.queue)
+        stream.attempt_channels.append(new_channel)
+        await self._mark_cancelled(job.model, old, keys.CANCEL_REQUEUED)
+        retry = job.model_copy(update={"request_id": new})
+        if isinstance(retry, GenerateJob):
+            retry.enqueued_at = time.time()
+        await self._enqueue(retry)
+        tracked.requeues += 1
+        tracked.worker_id = None
+        stream.request_id = new
+        stream.deadline = time.monotonic() + self.settings.request_timeout
+        log.warning(
+            "queued %s again as %s: its worker died before the client got a token", old, new
+        )
+        return True
 
     async def open(
         self, request: Request, job: GenerateJob, decide: Callable[[JobStream], Awaitable[T]]

@@ -8,25 +8,22 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from api.catalog import Catalog
-from api.errors import APIError
+from api import catalog as api_catalog
+from api.catalog import GENERATION, Catalog
 from schemas import keys
 
 
-async def pick_model(catalog: Catalog, name: str | None) -> str:
+async def pick_model(catalog: Catalog, name: str | None, feature: str = GENERATION) -> str:
     """The model a llama.cpp request names, or the default: llama-server
-    clients name none, so it is the first model with a live worker, else the
-    first model configured."""
-    if name is not None:
-        return await catalog.require(name)
+    clients name none, so it is INFERQ_DEFAULT_MODEL, else the first model
+    serving `feature` with a live worker, else the first configured. A name
+    no model has reaches the only model serving `feature` (LocalAI's rule)."""
+    if name is None:
+        return await catalog.default(feature)
     names = await catalog.names()
-    live = {w.model for w in await catalog.live_workers()}
-    for candidate in names:
-        if candidate in live:
-            return candidate
-    if names:
-        return names[0]
-    raise APIError(404, "no model is configured", code="model_not_found", param="model")
+    return api_catalog.pick_model(
+        name, names, api_catalog.capable_models(catalog.registry, names, feature)
+    )
 
 
 async def load_overrides(client: aioredis.Redis, model: str) -> dict[str, Any]:

@@ -1,8 +1,13 @@
 """Property-based fuzzing of the whole HTTP surface from its own OpenAPI
 document: no input makes a 5xx, and every response fits what the document
-declares for its status."""
+declares for its status.
+
+INFERQ_FUZZ_EXAMPLES (default 60, as in tests/reliability/) scales the
+examples per operation: two thirds of it, at least 40."""
 
 from __future__ import annotations
+
+import os
 
 import schemathesis
 from hypothesis import HealthCheck, given, settings
@@ -10,6 +15,8 @@ from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import response_schema_conformance
 
 from tests.e2e.conftest import MODEL, Stack
+
+EXAMPLES = max(40, int(os.environ.get("INFERQ_FUZZ_EXAMPLES", "60")) * 2 // 3)
 
 
 def test_api_never_fails_on_any_input(stack: Stack) -> None:
@@ -23,7 +30,7 @@ def test_api_never_fails_on_any_input(stack: Stack) -> None:
 
         @given(case=operation.as_strategy())
         @settings(
-            max_examples=25,
+            max_examples=EXAMPLES,
             deadline=None,
             suppress_health_check=list(HealthCheck),
             derandomize=True,

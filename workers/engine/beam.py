@@ -9,6 +9,7 @@ stream inside the next decode, before that decode writes anything)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -29,7 +30,20 @@ class Hypothesis:
     reason: str
 
     def score(self, length_penalty: float) -> float:
-        return float(self.cumulative / (max(len(self.tokens), 1) ** length_penalty))
+        return length_score(self.cumulative, len(self.tokens), length_penalty)
+
+
+# exp() of more than this overflows a float.
+_MAX_EXP = 700.0
+
+
+def length_score(cumulative: float, length: int, length_penalty: float) -> float:
+    """cumulative / length ** length_penalty (Hugging Face's beam score),
+    computed in log space: a large penalty saturates instead of raising
+    OverflowError (which would fail the step)."""
+    exponent = length_penalty * math.log(max(length, 1))
+    scale = math.exp(-max(-_MAX_EXP, min(_MAX_EXP, exponent)))
+    return float(cumulative * scale)
 
 
 @dataclass
@@ -104,7 +118,7 @@ def _done(state: BeamState, chosen: list[tuple[float, Any, int]], length: int) -
         return True
     # The best live beam can no longer beat the worst kept hypothesis.
     kept = sorted((h.score(state.length_penalty) for h in state.finished), reverse=True)
-    best_live = chosen[0][0] / (length**state.length_penalty)
+    best_live = length_score(chosen[0][0], length, state.length_penalty)
     return bool(best_live < kept[state.width - 1])
 
 

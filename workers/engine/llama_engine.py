@@ -10,14 +10,15 @@ the same prefix only evaluates the rest."""
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import llama_cpp
-import numpy as np
 
 from schemas.events import (
     ChoiceResult,
@@ -30,14 +31,16 @@ from schemas.events import (
 )
 from workers.engine import beam
 from workers.engine.admission import next_request, preempt_for_interactive
-from workers.engine.beam import BeamState
+from workers.engine.batch import Batch, plan
+from workers.engine.lifecycle import SHUTTING_DOWN, abandon, error, wait_bounded
 from workers.engine.llama_model import LlamaModel
-from workers.engine.sampling import build_chain, choice_seed, logprob_entry
+from workers.engine.sampling import logprob_entry
 from workers.engine.sequence import Group, Sequence
 from workers.engine.slots import Slots
-from workers.engine.text import TextAssembler
+from workers.engine.starting import start
 from workers.engine.types import (
-    INTERACTIVE,
+    PROMPT_TOKEN_BUDGET_S,
+    TOKEN_BUDGET_S,
     ContextLengthExceeded,
     EngineRequest,
     EventSink,
@@ -52,10 +55,6 @@ Out = list[tuple[str, bytes]]
 
 def _slot_of(seq: Sequence) -> int:
     return seq.slot
-
-
-def _priority_of(seq: Sequence) -> int:
-    return seq.request.priority
 
 
 @dataclass
@@ -83,13 +82,7 @@ class LlamaEngine:
         self._active: list[Sequence] = []
         self._finished: list[EngineRequest] = []
         self._stopping = False
-        n_batch = model.n_batch
-        self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
-        self._tokens = np.ctypeslib.as_array(self._batch.token, shape=(n_batch,))
-        self._pos = np.ctypeslib.as_array(self._batch.pos, shape=(n_batch,))
-        self._n_seq_id = np.ctypeslib.as_array(self._batch.n_seq_id, shape=(n_batch,))
-        self._logits = np.ctypeslib.as_array(self._batch.logits, shape=(n_batch,))
-        self._n_seq_id[:] = 1
+        self._batch = Batch(model.n_batch)
         self._thread = threading.Thread(target=self._run, name="llama-engine", daemon=True)
         self._thread.start()
 
@@ -107,15 +100,52 @@ class LlamaEngine:
 
     def submit(self, *requests: EngineRequest) -> None:
         """Queue requests; several given together join the same step."""
+        n_vocab = self.model.n_vocab
         for request in requests:
             sampling = request.sampling
             self.check_fits(len(request.prompt_tokens), sampling.max_tokens, sampling.n)
             if request.id_slot is not None and not 0 <= request.id_slot < self.n_slots:
                 raise InvalidSlot(request.id_slot, self.n_slots)
+            # llama_decode with a token outside the vocabulary fails the whole
+            # step: such a prompt never gets that far.
+            if not all(0 <= t < n_vocab for t in request.prompt_tokens):
+                raise ValueError(f"the prompt holds token ids outside 0 to {n_vocab - 1}")
         with self._wake:
+            if self._stopping:
+                # The engine thread is gone or going: nobody else would end these.
+                abandon(self.sink, list(requests), SHUTTING_DOWN, 503)
+                return
             for request in requests:
                 request.arrival = next(self._arrivals)
             self._incoming.extend(requests)
+            self._wake.notify()
+
+    def wait(
+        self,
+        request: EngineRequest,
+        *,
+        queue_timeout: float,
+        prompt_token_s: float = PROMPT_TOKEN_BUDGET_S,
+        token_s: float = TOKEN_BUDGET_S,
+    ) -> Done | ErrorEvent:
+        """The result of a submitted request, waited for within its time_budget
+        (queue_timeout for a slot, then so long per prompt token and per token
+        to generate). Past it the request is expired (a 504 error event);
+        should the engine not end it even then, it is ended here: no caller
+        ever waits forever."""
+        return wait_bounded(
+            self,
+            request,
+            queue_timeout=queue_timeout,
+            prompt_token_s=prompt_token_s,
+            token_s=token_s,
+        )
+
+    def expire(self, request: EngineRequest, reason: str) -> None:
+        """End `request` at the next step with a 504 error event."""
+        request.expired = reason
+        request.cancel()
+        with self._wake:
             self._wake.notify()
 
     def close(self) -> None:
@@ -123,18 +153,42 @@ class LlamaEngine:
             self._stopping = True
             self._wake.notify()
         self._thread.join(timeout=30)
-        llama_cpp.llama_batch_free(self._batch)
+        if self._thread.is_alive():
+            # Freeing the context under a running decode would crash: leak it,
+            # but end every request, so that no waiter hangs on a dead engine.
+            log.error("the engine thread did not stop within 30 s")
+            pending = [*self._incoming, *self._waiting, *(s.request for s in self._active)]
+            abandon(self.sink, pending, SHUTTING_DOWN, 503)
+            return
+        self._batch.free()
         self.model.close()
 
     # -- engine thread --------------------------------------------------------
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        finally:
+            # Whatever ended the loop, every request still here gets its end.
+            out: Out = []
+            for seq in list(self._active):
+                self._fail(seq.group, out, SHUTTING_DOWN, status=503)
+            with self._wake:
+                self._stopping = True
+                pending = [*self._waiting, *self._incoming]
+                self._waiting.clear()
+                self._incoming.clear()
+            for request in pending:
+                self._finish(request, ErrorEvent(SHUTTING_DOWN, status=503), out)
+            self._flush(out)
+
+    def _loop(self) -> None:
         while True:
             with self._wake:
                 while not (self._incoming or self._active or self._waiting or self._stopping):
                     self._wake.wait()
                 if self._stopping:
-                    break
+                    return
                 self._waiting.extend(self._incoming)
                 self._incoming.clear()
             out: Out = []
@@ -142,17 +196,13 @@ class LlamaEngine:
                 self._admit(out)
                 if self._active:
                     self._step(out)
-            except Exception as exc:  # a failed step must not kill the worker
+            except Exception as exc:
+                # Failures of one request are caught where they happen (see
+                # _isolated); this is the last resort, so the worker lives on.
                 log.exception("engine step failed")
                 for seq in list(self._active):
-                    self._fail(seq, out, f"inference failed: {exc}")
+                    self._fail(seq.group, out, f"inference failed: {exc}")
             self._flush(out)
-        out = []
-        for seq in list(self._active):
-            self._fail(seq, out, "worker shutting down", status=503)
-        for request in [*self._waiting, *self._incoming]:
-            self._finish(request, ErrorEvent("worker shutting down", status=503), out)
-        self._flush(out)
 
     def _flush(self, out: Out) -> None:
         if out:
@@ -174,36 +224,25 @@ class LlamaEngine:
     def _admit(self, out: Out) -> None:
         for cancelled in [r for r in self._waiting if r.cancelled]:
             self._waiting.remove(cancelled)
-            self._finish(cancelled, _cancelled(cancelled), out)
+            expired = cancelled.expired
+            end = _cancelled(cancelled) if expired is None else error(expired, 504)
+            self._finish(cancelled, end, out)
         self.stats.preempted += preempt_for_interactive(
             self._waiting, self._active, len(self._slots.free), self._give_back
         )
         while (request := next_request(self._waiting, self._slots.free)) is not None:
             self._waiting.remove(request)
-            request.admitted = True
-            group = Group(request)
-            if request.sampling.beam:
-                group.beam = BeamState(
-                    width=request.sampling.n,
-                    length_penalty=request.sampling.length_penalty,
-                    early_stopping=request.sampling.early_stopping,
-                    max_tokens=request.sampling.max_tokens
-                    or (self.n_ctx_per_slot - len(request.prompt_tokens)),
-                )
-            prompt = request.prompt_tokens
-            primary_slot, reused = self._slots.pick(
-                prompt, request.sampling.cache_prompt, request.id_slot
-            )
-            group.tokens_cached = reused
-            self.stats.prompt_tokens_cached += reused
-            primary = self._new_sequence(group, 0, primary_slot)
-            primary.n_evaluated = reused
-            self._active.append(primary)
-            for index in range(1, request.sampling.n):
-                slot = self._slots.take_lowest()
-                sibling = self._new_sequence(group, index, slot)
-                sibling.fork_of = primary
-                self._active.append(sibling)
+            try:
+                self._start(request)
+            except Exception as exc:
+                log.exception("starting request %s failed", request.request_id)
+                self._finish(request, ErrorEvent(f"the request could not start: {exc}"), out)
+
+    def _start(self, request: EngineRequest) -> None:
+        seqs = start(request, self._slots, self.model)
+        self.stats.prompt_tokens_cached += seqs[0].group.tokens_cached
+        request.admitted = True
+        self._active.extend(seqs)
 
     def _give_back(self, group: Group) -> int:
         """Preemption: free a bulk group's slots, keeping their cache for reuse."""
@@ -212,115 +251,78 @@ class LlamaEngine:
             self._release(seq)
         return len(seqs)
 
-    def _new_sequence(self, group: Group, index: int, slot: int) -> Sequence:
-        request = group.request
-        sampling = request.sampling
-        prompt = request.prompt_tokens
-        chain = build_chain(
-            sampling,
-            vocab=self.model.vocab,
-            n_vocab=self.model.n_vocab,
-            seed=choice_seed(sampling.seed, index),
-            history=prompt,
-            banned=self.model.eog_tokens() if sampling.ignore_eos else [],
-        )
-        return Sequence(
-            group=group,
-            index=index,
-            slot=slot,
-            sampler=chain,
-            max_tokens=(
-                sampling.max_tokens
-                if sampling.max_tokens is not None
-                else self.n_ctx_per_slot - len(prompt)
-            ),
-            text=TextAssembler(sampling.stop),
-        )
-
     def _step(self, out: Out) -> None:
         for seq in [s for s in self._active if s.request.cancelled]:
             if seq in self._active:
-                self._cancel_group(seq.group, out)
+                with self._isolated(seq.group, out, "cancelling"):
+                    self._cancel_group(seq.group, out)
         if not self._active:
             return
-        # Generating sequences get one token each, so every stream moves every
-        # step; prompt chunks fill the rest of the batch (first come, first
-        # served, interactive prompts before bulk ones), so a long prompt is
-        # spread over several steps instead of stalling the streams already
-        # running, and a bulk prompt never delays an interactive first token.
-        # While an interactive prompt is evaluated, bulk sequences sit the step
-        # out: the step is then that prompt (and the interactive streams) only,
-        # so a running batch delays a first token by about the step already
-        # under way, not by two full steps. Bulk work loses one step per
-        # arriving interactive request.
-        hold = any(s.prefilling and s.request.priority == INTERACTIVE for s in self._active)
-        stepping = [s for s in self._active if not (hold and s.request.priority > INTERACTIVE)]
-        budget = self.model.n_batch - sum(1 for s in stepping if s.generating)
-        chunks: dict[int, int] = {}
-        for seq in sorted(stepping, key=_priority_of):
-            if budget > 0 and seq.prefilling:
-                take = min(budget, len(seq.request.prompt_tokens) - seq.n_evaluated)
-                chunks[id(seq)] = take
-                budget -= take
+        stepping, chunks = plan(self._active, self.model.n_batch)
         # Laid out in ascending slot order: without a unified KV cache
         # llama.cpp only puts consecutive sequence ids into one micro-batch,
         # and every extra micro-batch is another pass over the weights.
         n = 0
-        batch = self._batch
         completed: list[Sequence] = []
         for seq in self._active:
             seq.logits_index = -1
+        in_batch: list[Sequence] = []
         for seq in sorted(stepping, key=_slot_of):
-            if seq.generating:
-                self._tokens[n] = seq.last_token
-                self._pos[n] = seq.position
-                batch.seq_id[n][0] = seq.slot
-                self._logits[n] = 1
-                self._slots.tokens[seq.slot].append(seq.last_token)
-                seq.logits_index = n
-                n += 1
-                continue
-            take = chunks.get(id(seq), 0)
-            if take == 0:
-                continue
-            if seq.group.prompt_started is None:
-                seq.group.prompt_started = _now()
-            prompt = seq.request.prompt_tokens
-            start = seq.n_evaluated
-            self._tokens[n : n + take] = prompt[start : start + take]
-            self._pos[n : n + take] = np.arange(start, start + take, dtype=np.int32)
-            self._logits[n : n + take] = 0
-            for i in range(n, n + take):
-                batch.seq_id[i][0] = seq.slot
-            self._slots.tokens[seq.slot].extend(prompt[start : start + take])
-            seq.n_evaluated += take
-            self.stats.prompt_tokens_evaluated += take
-            n += take
-            if not seq.prefilling:
-                self._logits[n - 1] = 1
-                seq.logits_index = n - 1
-                completed.append(seq)
-        batch.n_tokens = n
-        rc = llama_cpp.llama_decode(self.model.ctx, batch)
+            if seq not in self._active:
+                continue  # its request failed while an earlier sibling was laid out
+            with self._isolated(seq.group, out, "preparing the batch"):
+                take = chunks.get(id(seq), 0)
+                if take and seq.group.prompt_started is None:
+                    seq.group.prompt_started = _now()
+                cached = self._slots.tokens[seq.slot]
+                added, prompt_done = self._batch.lay_out(seq, n, take, cached)
+                self.stats.prompt_tokens_evaluated += take if added else 0
+                if added:
+                    in_batch.append(seq)
+                    n += added
+                if prompt_done:
+                    completed.append(seq)
+        if n == 0:
+            return
+        rc = self._batch.decode(self.model.ctx, n)
         if rc != 0:
-            raise RuntimeError(f"llama_decode returned {rc}")
+            # The one failure that is the step's, not one request's: every
+            # request with tokens in this batch fails (their caches are dropped).
+            log.error("llama_decode returned %d for a batch of %d tokens", rc, n)
+            for seq in in_batch:
+                if seq in self._active:
+                    self._fail(seq.group, out, f"inference failed: llama_decode returned {rc}")
+            return
         self.stats.steps += 1
         for primary in completed:
-            primary.group.prompt_done = _now()
-            self._fork(primary)
+            if primary in self._active:
+                primary.group.prompt_done = _now()
+                with self._isolated(primary.group, out, "forking the choices"):
+                    self._fork(primary)
         beams: dict[int, list[Sequence]] = {}
         for seq in list(self._active):
             if seq.group.beam is not None and seq.logits_index >= 0:
                 beams.setdefault(id(seq.group), []).append(seq)
                 continue
             if seq.logits_index >= 0 and seq in self._active:
-                token = llama_cpp.llama_sampler_sample(
-                    seq.sampler, self.model.ctx, seq.logits_index
-                )
-                self._on_token(seq, int(token), out)
+                with self._isolated(seq.group, out, "sampling"):
+                    self._on_token(seq, seq.sampler.sample(self.model.ctx, seq.logits_index), out)
 
         for group_seqs in beams.values():
-            self._advance_beams(sorted(group_seqs, key=lambda s: s.index), out)
+            group = group_seqs[0].group
+            if group_seqs[0] in self._active:
+                with self._isolated(group, out, "beam search"):
+                    self._advance_beams(sorted(group_seqs, key=lambda s: s.index), out)
+
+    @contextlib.contextmanager
+    def _isolated(self, group: Group, out: Out, what: str) -> Iterator[None]:
+        """An exception while working on one request fails that request (a 500
+        error event), not the step, the other requests or the worker."""
+        try:
+            yield
+        except Exception as exc:
+            log.exception("%s failed for request %s", what, group.request.request_id)
+            self._fail(group, out, f"inference failed while {what}: {exc}")
 
     def _advance_beams(self, seqs: list[Sequence], out: Out) -> None:
         group = seqs[0].group
@@ -362,7 +364,9 @@ class LlamaEngine:
                 seq.n_evaluated = primary.n_evaluated
                 seq.logits_index = primary.logits_index
 
-    def _on_token(self, seq: Sequence, token: int, out: Out) -> None:
+    def _on_token(self, seq: Sequence, token: int | None, out: Out) -> None:
+        """`token` None: nothing may follow (a grammar that is complete or
+        whose every allowed token is banned): the sequence ends there."""
         request = seq.request
         group = seq.group
         if seq.max_tokens == 0:
@@ -371,6 +375,9 @@ class LlamaEngine:
             return
         if group.first_token_at is None:
             group.first_token_at = _now()
+        if token is None:
+            self._complete(seq, "stop", out, "eos")
+            return
         if request.sampling.logprobs is not None:
             entry = logprob_entry(
                 self.model, seq.logits_index, token, seq.request.sampling.logprobs or 0
@@ -416,27 +423,34 @@ class LlamaEngine:
             self._finish(seq.request, seq.group.result(), out)
 
     def _cancel_group(self, group: Group, out: Out) -> None:
+        if group.request.expired is not None:
+            self._fail(group, out, group.request.expired, status=504)
+            return
         for seq in [s for s in self._active if s.group is group]:
             self._release(seq)
         result = group.result()
         choices = [ChoiceResult(index=i, finish_reason="cancelled") for i in range(group.n)]
         self._finish(group.request, Done(choices, result.usage, None, result.duration_ms), out)
 
-    def _fail(self, seq: Sequence, out: Out, message: str, status: int = 500) -> None:
-        for other in [s for s in self._active if s.group is seq.group]:
-            self._release(other, keep_cache=False)
-        self._finish(seq.request, ErrorEvent(message=message, status=status), out)
+    def _fail(self, group: Group, out: Out, message: str, status: int = 500) -> None:
+        for seq in [s for s in self._active if s.group is group]:
+            try:
+                self._release(seq, keep_cache=False)
+            except Exception:
+                log.exception("releasing a slot of %s failed", group.request.request_id)
+        self._finish(group.request, error(message, status), out)
 
     def _release(self, seq: Sequence, *, keep_cache: bool = True) -> None:
         self._active.remove(seq)
-        llama_cpp.llama_sampler_free(seq.sampler)
-        keep = keep_cache and seq.request.sampling.cache_prompt and not seq.waiting
-        self._slots.release(seq.slot, keep_cache=keep)
+        try:
+            seq.sampler.free()
+        finally:
+            keep = keep_cache and seq.request.sampling.cache_prompt and not seq.waiting
+            self._slots.release(seq.slot, keep_cache=keep)
 
     def _finish(self, request: EngineRequest, result: Done | ErrorEvent, out: Out) -> None:
-        if request.result is not None:
+        if not request.settle(result):
             return
-        request.result = result
         request.admitted = False  # its slots are released by now
         if request.publish:
             out.append((request.request_id, encode(result)))

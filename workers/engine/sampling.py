@@ -6,7 +6,7 @@ request may give its own order (llama-server's `samplers`)."""
 
 from __future__ import annotations
 
-import ctypes
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -14,8 +14,17 @@ from typing import Any
 import llama_cpp
 import numpy as np
 
+from workers.engine.constrained import SequenceSampler, estimate_mask_seconds, logits_view
+from workers.engine.gbnf import why_unparsable
 from workers.engine.llama_model import LlamaModel
 from workers.engine.types import Sampling
+
+# The most candidates llama.cpp's infill sampler is given (see _add_in_order).
+INFILL_CANDIDATES = 256
+# A grammar whose full mask is estimated to take longer is refused: every
+# sequence of the engine would wait for it (JSON takes about 0.1 s over a
+# 262k vocabulary; the worker mostly checks single tokens instead).
+MAX_ESTIMATED_MASK_S = 2.0
 
 
 class GrammarError(ValueError):
@@ -29,12 +38,62 @@ def _add(chain: Any, sampler: Any) -> None:
 def grammar_sampler(vocab: Any, grammar: str) -> Any:
     sampler = llama_cpp.llama_sampler_init_grammar(vocab, grammar.encode(), b"root")
     if not sampler:
-        raise GrammarError("the grammar could not be parsed (GBNF, with a `root` rule)")
+        raise GrammarError(f"the grammar could not be parsed (GBNF): {why_unparsable(grammar)}")
     return sampler
 
 
-def check_grammar(vocab: Any, grammar: str) -> None:
-    llama_cpp.llama_sampler_free(grammar_sampler(vocab, grammar))
+def check_grammar(vocab: Any, grammar: str, n_vocab: int | None = None) -> None:
+    """Raise GrammarError unless `grammar` parses and, given the vocabulary
+    size, can be evaluated over it in reasonable time (see constrained.py)."""
+    sampler = grammar_sampler(vocab, grammar)
+    try:
+        if n_vocab:
+            seconds = estimate_mask_seconds(sampler, n_vocab, limit=MAX_ESTIMATED_MASK_S)
+            if seconds > MAX_ESTIMATED_MASK_S:
+                raise GrammarError(
+                    f"the grammar is too complex: evaluating it over this model's {n_vocab} "
+                    f"tokens would take about {seconds:.1f} s per token (at most "
+                    f"{MAX_ESTIMATED_MASK_S:.0f} s); simplify it"
+                )
+    finally:
+        llama_cpp.llama_sampler_free(sampler)
+
+
+def build_sampler(
+    sampling: Sampling,
+    *,
+    vocab: Any,
+    n_vocab: int,
+    seed: int,
+    history: list[int],
+    eog: list[int],
+) -> SequenceSampler:
+    """The sampler of one sequence. Without a grammar, one llama.cpp chain
+    (ignore_eos bans the `eog` tokens in it); with one, the grammar and the
+    logit bias stay out of the chain, so that a dead end is seen before
+    llama.cpp's grammar would throw (workers.engine.constrained)."""
+    if not sampling.grammar:
+        banned = eog if sampling.ignore_eos else []
+        chain = build_chain(
+            sampling, vocab=vocab, n_vocab=n_vocab, seed=seed, history=history, banned=banned
+        )
+        return SequenceSampler(chain)
+    rest = dataclasses.replace(sampling, grammar=None, logit_bias=())
+    grammar = grammar_sampler(vocab, sampling.grammar)
+    try:
+        chain = build_chain(
+            rest, vocab=vocab, n_vocab=n_vocab, seed=seed, history=history, banned=[]
+        )
+    except BaseException:
+        llama_cpp.llama_sampler_free(grammar)
+        raise
+    return SequenceSampler(
+        chain,
+        grammar=grammar,
+        n_vocab=n_vocab,
+        bias=sampling.logit_bias,
+        eog=eog if sampling.ignore_eos else None,
+    )
 
 
 def build_chain(
@@ -104,6 +163,8 @@ def _penalties(sampling: Sampling, n_vocab: int, history: list[int]) -> Any:
         and sampling.frequency_penalty == 0.0
     ):
         return None
+    # The worker's safe_sampling (workers.engine.limits) resolves -1 to the
+    # context size; n_vocab only bounds a Sampling built without it.
     last_n = n_vocab if sampling.repeat_last_n < 0 else sampling.repeat_last_n
     penalties = llama_cpp.llama_sampler_init_penalties(
         n_vocab,
@@ -126,6 +187,8 @@ def _add_in_order(
     top_n_sigma, adaptive_p and tfs_z are skipped: inferq has no parameters
     for them, and at llama-server's defaults they do nothing."""
     min_keep = max(sampling.min_keep, 1)
+    # The candidates left so far, as far as top_k bounds them.
+    bound = n_vocab
     for name in sampling.samplers or ():
         if name == "penalties":
             penalties = _penalties(sampling, n_vocab, history)
@@ -133,6 +196,7 @@ def _add_in_order(
                 _add(chain, penalties)
         elif name == "top_k" and sampling.top_k > 0:
             _add(chain, llama_cpp.llama_sampler_init_top_k(sampling.top_k))
+            bound = min(bound, sampling.top_k)
         elif name == "typ_p" and sampling.typical_p < 1.0:
             _add(chain, llama_cpp.llama_sampler_init_typical(sampling.typical_p, min_keep))
         elif name == "top_p" and sampling.top_p < 1.0:
@@ -142,6 +206,13 @@ def _add_in_order(
         elif name == "temperature":
             _add(chain, llama_cpp.llama_sampler_init_temp(sampling.temperature))
         elif name == "infill":
+            # llama.cpp's infill sampler compares every candidate with every
+            # other: over a whole vocabulary (262k tokens) one draw takes
+            # hours and wedges the engine. It sees at most the likeliest
+            # INFILL_CANDIDATES (llama-server runs it after top_k too).
+            if bound > INFILL_CANDIDATES:
+                _add(chain, llama_cpp.llama_sampler_init_top_k(INFILL_CANDIDATES))
+                bound = INFILL_CANDIDATES
             _add(chain, llama_cpp.llama_sampler_init_infill(vocab))
 
 
@@ -163,15 +234,18 @@ class TokenLogprob:
 def logprobs_at(ctx: Any, index: int, n_vocab: int, token: int, top_n: int) -> TokenLogprob:
     """Log-probability of `token` and the top_n alternatives under the model's
     raw distribution at batch position `index` (before sampling filters)."""
-    pointer = llama_cpp.llama_get_logits_ith(ctx, index)
-    logits = np.ctypeslib.as_array(
-        ctypes.cast(pointer, ctypes.POINTER(ctypes.c_float)), shape=(n_vocab,)
-    )
+    logits = logits_view(ctx, index, n_vocab)
     peak = float(logits.max())
     log_z = peak + math.log(float(np.exp(logits - peak).sum()))
     top: list[tuple[int, float]] = []
-    if top_n > 0:
+    # More alternatives than the vocabulary holds is all of it (llama-server
+    # clamps n_probs the same way); argpartition needs kth < n_vocab.
+    top_n = min(top_n, n_vocab)
+    if 0 < top_n < n_vocab:
         best = np.argpartition(-logits, top_n)[:top_n]
+    elif top_n > 0:
+        best = np.arange(n_vocab)
+    if top_n > 0:
         best = best[np.argsort(-logits[best])]
         top = [(int(t), float(logits[t]) - log_z) for t in best]
     return TokenLogprob(token, float(logits[token]) - log_z, top)

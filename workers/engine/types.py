@@ -22,6 +22,15 @@ DEFAULT_REPEAT_LAST_N = 64
 INTERACTIVE = 0
 BULK = 1
 
+# How long a request may take once a worker took it, beyond the queueing
+# bound the caller gives (see time_budget): generous per token, so that only
+# a wedged engine ever reaches it, but never unbounded.
+PROMPT_TOKEN_BUDGET_S = 0.05
+TOKEN_BUDGET_S = 1.0
+# After its budget, a request is expired: the engine ends it at its next
+# step; if the engine does not within this, the waiter ends it itself.
+EXPIRE_GRACE_S = 30.0
+
 
 @dataclass(frozen=True, slots=True)
 class Sampling:
@@ -92,6 +101,10 @@ class EngineRequest:
     # Submission order, set by the engine: a preempted request goes back to
     # its place in the queue, ahead of the bulk requests that came after it.
     arrival: int = 0
+    # Why the request ran out of time (set by LlamaEngine.expire); the engine
+    # then ends it with a 504 error instead of a cancelled answer.
+    expired: str | None = None
+    _settle_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def streams(self) -> bool:
@@ -106,6 +119,33 @@ class EngineRequest:
     def wait(self, timeout: float | None = None) -> Done | ErrorEvent | None:
         self.finished.wait(timeout)
         return self.result
+
+    def settle(self, result: Done | ErrorEvent) -> bool:
+        """Set the terminal result unless one is set already: every request
+        ends exactly once, whichever thread (engine or waiter) gets there first."""
+        with self._settle_lock:
+            if self.result is not None:
+                return False
+            self.result = result
+            return True
+
+
+def time_budget(
+    request: EngineRequest,
+    *,
+    queue_timeout: float,
+    n_ctx: int,
+    prompt_token_s: float = PROMPT_TOKEN_BUDGET_S,
+    token_s: float = TOKEN_BUDGET_S,
+) -> float:
+    """Seconds a caller waits for `request` at most: `queue_timeout` for a slot,
+    plus a generous allowance per prompt token and per token it may generate
+    (up to the context when it sets no max_tokens), per choice."""
+    prompt = len(request.prompt_tokens)
+    sampling = request.sampling
+    limit = sampling.max_tokens if sampling.max_tokens is not None else n_ctx - prompt
+    tokens = max(limit, 1) * max(sampling.n, 1)
+    return max(0.0, queue_timeout + prompt_token_s * prompt + token_s * tokens)
 
 
 class ContextLengthExceeded(ValueError):
