@@ -41,9 +41,9 @@ from bench.workload import make_prompt, percentile
 
 log = logging.getLogger("bench.overload")
 
-# A refused client waits what Retry-After says, but at most this long, so the
-# load stays on for the whole run.
-MAX_BACKOFF_S = 2.0
+# A refused client waits what Retry-After says, up to this long (the openai
+# client honours Retry-After up to 60 s).
+MAX_BACKOFF_S = 60.0
 
 
 @dataclass
@@ -54,6 +54,8 @@ class Outcome:
     tokens: int = 0
     status: int | None = None
     detail: str = ""
+    # Seconds from the start of the run to when the request was sent.
+    sent_s: float = 0.0
 
 
 @dataclass
@@ -84,6 +86,10 @@ class Report:
             "tokens_per_s": round(tokens / self.wall_s, 1) if self.wall_s else 0.0,
             "statuses": dict(Counter(str(o.status) for o in self.outcomes)),
             "broken_examples": [o.detail for o in self.outcomes if o.kind == "broken"][:5],
+            # (sent, time to first token) of each completed request, for a plot.
+            "completed_timeline": [
+                (round(o.sent_s, 2), _round(o.ttft_s)) for o in sorted(done, key=lambda o: o.sent_s)
+            ],
         }
 
 
@@ -177,7 +183,8 @@ async def run(
     limits = httpx.Limits(max_connections=clients + 8, max_keepalive_connections=clients + 8)
     timeout = httpx.Timeout(None, connect=10.0)
     report = Report(clients, duration, 0.0)
-    stop_at = time.perf_counter() + duration
+    started = time.perf_counter()
+    stop_at = started + duration
 
     async def client_loop(index: int, client: httpx.AsyncClient) -> None:
         n = 0
@@ -191,13 +198,15 @@ async def run(
                 "stream": True,
                 "ignore_eos": True,
             }
+            sent = time.perf_counter() - started
             outcome, wait = await one_request(client, endpoint, body, hang_after)
+            outcome.sent_s = sent
             report.outcomes.append(outcome)
             n += 1
             if wait:
-                await asyncio.sleep(wait)
+                # Never past the end of the run: the load stops on time.
+                await asyncio.sleep(min(wait, max(0.0, stop_at - time.perf_counter())))
 
-    started = time.perf_counter()
     async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
         await asyncio.gather(*(client_loop(i, client) for i in range(clients)))
     report.wall_s = time.perf_counter() - started
@@ -231,7 +240,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     summary = report.summary()
     if args.json:
         args.json.write_text(json.dumps(summary, indent=1))
-    log.info("%s", json.dumps(summary, indent=1))
+    shown = {k: v for k, v in summary.items() if k != "completed_timeline"}
+    log.info("%s", json.dumps(shown, indent=1))
     failures = summary["broken"] + summary["hung"]
     return 1 if failures else 0
 

@@ -27,6 +27,49 @@ class SamplingError(ValueError):
         self.param = param
 
 
+# llama.cpp's JSON-schema converter writes a length or count bound out as that
+# many grammar elements: `"minLength": 1000000000` asks it for gigabytes. The
+# bounds of one schema may add up to this many before the schema is refused.
+MAX_SCHEMA_REPEATS = 100_000
+_REPEAT_KEYS = frozenset(
+    {"minLength", "maxLength", "minItems", "maxItems", "minProperties", "maxProperties"}
+)
+
+
+def _schema_repeats(node: object) -> int:
+    """The sum of the length and count bounds anywhere in a JSON schema."""
+    total = 0
+    stack = [node]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            for key, value in item.items():
+                if key in _REPEAT_KEYS and isinstance(value, int | float):
+                    total += max(0, int(min(value, 2**62)))
+                else:
+                    stack.append(value)
+        elif isinstance(item, list):
+            stack.extend(item)
+    return total
+
+
+def schema_to_gbnf(schema: object, param: str) -> str:
+    """GBNF for a JSON schema, or the 400 that says why not."""
+    repeats = _schema_repeats(schema)
+    if repeats > MAX_SCHEMA_REPEATS:
+        raise SamplingError(
+            f"the schema's length and count bounds (minLength, maxItems, ...) add up to "
+            f"{repeats}; at most {MAX_SCHEMA_REPEATS} can be enforced",
+            param,
+        )
+    try:
+        grammar: str = json_schema_to_gbnf(json.dumps(schema))
+    except Exception as exc:
+        reason = str(exc) or type(exc).__name__
+        raise SamplingError(f"{param} cannot be used: {reason}", param) from exc
+    return grammar
+
+
 def _first(*values: T | None) -> T:
     for value in values:
         if value is not None:
@@ -85,10 +128,7 @@ def tool_call_grammar(job: GenerateJob) -> str | None:
     if not calls:
         raise SamplingError("tool_choice names no tool of this request", "tool_choice")
     schema = calls[0] if len(calls) == 1 else {"oneOf": calls}
-    try:
-        call: str = json_schema_to_gbnf(json.dumps(schema))
-    except Exception as exc:
-        raise SamplingError(f"a tool's parameters cannot be used: {exc}", "tools") from exc
+    call = schema_to_gbnf(schema, "tools")
     if job.tool_mode == "required":
         return call
     # "auto": the same call, or any text that does not open a JSON object.
@@ -103,10 +143,7 @@ def _grammar(job: GenerateJob, model: LlamaModel) -> str | None:
         if grammar:
             raise SamplingError("give either grammar or json_schema, not both", "grammar")
         if options.json_schema:
-            try:
-                grammar = json_schema_to_gbnf(json.dumps(options.json_schema))
-            except Exception as exc:
-                raise SamplingError(f"json_schema cannot be used: {exc}", "json_schema") from exc
+            grammar = schema_to_gbnf(options.json_schema, "json_schema")
         else:
             grammar = JSON_GBNF
     if grammar:

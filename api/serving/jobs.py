@@ -55,6 +55,8 @@ class JobStream:
     # queued again after its worker died (see JobRunner._requeue).
     request_id: str = ""
     attempt_channels: list[bytes] = field(default_factory=list)
+    # The job's place in its model's backpressure count, until accepted.
+    ticket: backpressure.Ticket | None = None
 
     async def next(self, *, idle: float | None = None) -> Event | None:
         """The next event; None when `idle` seconds pass without one."""
@@ -77,7 +79,11 @@ class JobStream:
             # From here the worker's heartbeat, not request_timeout, bounds it.
             if event.worker_id:
                 self.tracked.worker_id = event.worker_id
+            if self.ticket is not None:
+                self.ticket.release()
         elif isinstance(event, (Done, ErrorEvent, Embeddings)):
+            if isinstance(event, Done):
+                backpressure.JOB_TIMES.observe(self.job.model, event.duration_ms / 1000)
             self.finished = True
             self.tracked.ended = True
         return event
@@ -151,8 +157,12 @@ class JobRunner:
         async with self.hub.subscribe(keys.stream_channel(job.request_id)) as queue:
             if isinstance(job, GenerateJob):
                 job.enqueued_at = time.time()
-            await backpressure.admit(self.redis, self.settings, job.model)
-            await self._enqueue(job)
+            ticket = await backpressure.admit(self.redis, self.settings, job.model)
+            try:
+                await self._enqueue(job)
+            except BaseException:
+                ticket.release()
+                raise
             stream = JobStream(
                 job,
                 queue,
@@ -160,11 +170,13 @@ class JobRunner:
                 deadline=time.monotonic() + self.settings.request_timeout,
                 ping_interval=self.settings.sse_ping_interval,
                 request_id=job.request_id,
+                ticket=ticket,
             )
             self.hub.watch.add(stream.tracked)
             try:
                 yield stream
             finally:
+                ticket.release()
                 self.hub.watch.discard(stream.tracked)
                 for channel in stream.attempt_channels:
                     self.hub.detach(channel)

@@ -74,19 +74,21 @@ def test_full_queue_is_a_503_with_retry_after(own_stack: Paused) -> None:
     threads: list[threading.Thread] = []
     os.killpg(own_stack.worker_pgid, signal.SIGSTOP)
     try:
-        # The stalled worker may still take one job (a BRPOP it had sent);
-        # the rest wait in Redis until the queue holds DEPTH.
+        # Requests pile up behind the stalled worker (it may still take one,
+        # through a BRPOP it had sent: that one waits too) until the next is
+        # refused; exactly DEPTH are then waiting.
         deadline = time.monotonic() + 30
-        while _waiting(client) < DEPTH:
-            assert time.monotonic() < deadline, "the queue never filled"
+        while not any(r.status_code == 503 for r in accepted):
+            assert time.monotonic() < deadline, "no request was ever refused"
             thread = threading.Thread(target=send)
             thread.start()
             threads.append(thread)
-            before = _waiting(client)
-            settle = time.monotonic() + 2
-            while _waiting(client) == before and time.monotonic() < settle:
-                time.sleep(0.05)
-        assert not accepted, [r.text for r in accepted]
+            thread.join(1.0)
+        refusals = [r for r in accepted if r.status_code == 503]
+        assert len(refusals) == 1 and len(accepted) == 1, [r.text for r in accepted]
+        assert len(threads) == DEPTH + 1
+        accepted.clear()
+        threads = [t for t in threads if t.is_alive()]
         waiting = _waiting(client)
         started = time.monotonic()
         refused = httpx.post(own_stack.url + "/v1/chat/completions", json=BODY, timeout=30)

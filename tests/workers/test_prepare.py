@@ -76,6 +76,12 @@ def _job(sampling: dict[str, Any], **fields: Any) -> GenerateJob:
         ({"grammar": "root ::= " + "(" * 200 + '"a"' + ")" * 200}, "grammar"),
         ({"grammar": 'root ::= "\ud800"'}, "grammar"),
         ({"json_schema": {"$ref": "http://elsewhere"}}, "json_schema"),
+        # The converter would write a billion grammar elements (gigabytes).
+        ({"json_schema": {"type": "string", "minLength": 10**9}}, "json_schema"),
+        (
+            {"json_schema": {"type": "array", "items": {"maxLength": 60_000}, "maxItems": 60_000}},
+            "json_schema",
+        ),
     ],
 )
 def test_values_llama_cpp_cannot_take_are_a_400(
@@ -85,6 +91,8 @@ def test_values_llama_cpp_cannot_take_are_a_400(
         prepare(runtime, _job(sampling))
     event = info.value.event
     assert (event.status, event.param, event.error_type) == (400, param, "invalid_request_error")
+    # The message says why, not just where.
+    assert not event.message.rstrip().endswith(":"), event.message
 
 
 @pytest.mark.parametrize(
