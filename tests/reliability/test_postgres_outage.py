@@ -181,6 +181,13 @@ def test_postgres_outage_mid_batch(outage: OutageStack) -> None:
         interactive.append(request_id)
         time.sleep(0.5)
     assert len(interactive) >= 3
+    # The Files and Batches API needs the database: a 503 to retry, not a 500.
+    started = time.monotonic()
+    polled = httpx.get(f"{outage.url}/v1/batches/{batch.id}", timeout=30)
+    assert polled.status_code == 503, polled.text
+    assert polled.json()["error"]["code"] == "database_unavailable"
+    assert int(polled.headers["retry-after"]) >= 1
+    assert time.monotonic() - started < 10
     outage.cluster.start()
 
     # Batch work resumes by itself; every line exactly once, in order.

@@ -1,0 +1,149 @@
+"""inferq against an earlier inferq: the serving path of two commits, A B A B.
+
+A is a git revision (checked out into a temporary worktree), B the working
+tree. Each round starts `inferq up` from one tree on the same model and
+config (what bench.run calls system (c)), runs the closed-loop streaming
+workload at the given concurrency levels (bench.loadgen), and stops it; the
+rounds alternate A B A B so that drift of the machine hits both alike. The
+report gives each round's tokens/s and time to first token p50, and the
+median and spread per system.
+
+    .venv/bin/python -m bench.ab_commits --base 7c12020 --levels 1,8 --rounds 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import shlex
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.loadgen import run_levels
+from bench.run import MODEL_NAME, REPO, free_port, stop, wait_health
+from bench.workload import LevelResult
+
+log = logging.getLogger("bench.ab_commits")
+
+# Everything that would point `inferq up` at shared services or another tree.
+_ENV_DROP = ("REDIS_URL", "DATABASE_URL", "INFERQ_MODELS_DIR", "INFERQ_PORT", "PYTHONPATH")
+
+
+def _worktree(revision: str, into: Path) -> Path:
+    subprocess.run(
+        ["git", "-C", str(REPO), "worktree", "add", "--detach", str(into), revision],
+        check=True,
+        capture_output=True,
+    )
+    return into
+
+
+def _one_round(
+    label: str, tree: Path, work: Path, model: Path, levels: list[int], args: argparse.Namespace
+) -> list[LevelResult]:
+    home = work / f"{label}-{len(list(work.iterdir()))}"
+    models = home / "models"
+    models.mkdir(parents=True)
+    (models / model.name).symlink_to(model.resolve())
+    (models / f"{MODEL_NAME}.yaml").write_text(
+        f"{{name: {MODEL_NAME}, backend: llama-cpp, parameters: {{model: {model.name}}}, "
+        f"context_size: {args.ctx_per_slot}, parallel: {args.slots}, threads: {args.threads}}}\n"
+    )
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in _ENV_DROP}
+    # The tree's own packages come before the installed (editable) ones.
+    env["PYTHONPATH"] = str(tree)
+    env["INFERQ_PORT"] = str(port)
+    cmd = [sys.executable, "-m", "inferq", "up"]
+    log.info("%s: cd %s && PYTHONPATH=%s %s", label, home, tree, shlex.join(cmd))
+    log_path = home / "inferq.log"
+    with log_path.open("wb") as sink:
+        proc = subprocess.Popen(
+            cmd, cwd=home, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_health(url, proc, timeout=300)
+        return asyncio.run(
+            run_levels(
+                url,
+                system=label,
+                model=MODEL_NAME,
+                levels=levels,
+                rounds=args.rounds,
+                min_requests=args.min_requests,
+            )
+        )
+    finally:
+        stop(proc, signal.SIGINT, timeout=90)
+
+
+def _spread(values: list[float]) -> str:
+    return f"{statistics.median(values):.1f} ({min(values):.1f}-{max(values):.1f})"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--base", required=True, help="git revision for A")
+    parser.add_argument("--model", type=Path, default=REPO / "models/gemma-3-270m-q4_k_m.gguf")
+    parser.add_argument("--levels", default="1,8")
+    parser.add_argument("--pairs", type=int, default=2, help="A B pairs")
+    parser.add_argument("--rounds", type=int, default=2, help="measured rounds per level")
+    parser.add_argument("--min-requests", type=int, default=16)
+    parser.add_argument("--slots", type=int, default=8)
+    parser.add_argument("--ctx-per-slot", type=int, default=1024)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    levels = [int(x) for x in args.levels.split(",")]
+    results: dict[str, list[list[LevelResult]]] = {"A": [], "B": []}
+    with tempfile.TemporaryDirectory(prefix="inferq-ab-") as tmp:
+        work = Path(tmp)
+        base = _worktree(args.base, work / "base")
+        runs = work / "runs"
+        runs.mkdir()
+        try:
+            for _ in range(args.pairs):
+                for label, tree in (("A", base), ("B", REPO)):
+                    results[label].append(_one_round(label, tree, runs, args.model, levels, args))
+        finally:
+            subprocess.run(
+                ["git", "-C", str(REPO), "worktree", "remove", "--force", str(base)],
+                check=False,
+                capture_output=True,
+            )
+    lines = [
+        f"A = {args.base}, B = working tree; {args.pairs} pairs A B A B; "
+        f"levels {args.levels}; {args.slots} slots, {args.threads} threads",
+        "",
+        "| system | concurrency | tok/s per round | tok/s median (range) "
+        "| TTFT p50 ms per round | errors |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for label in ("A", "B"):
+        for i, concurrency in enumerate(levels):
+            level = [run[i] for run in results[label]]
+            tps = [r.tokens_per_s for r in level]
+            ttft = [round((r.ttft(50) or 0) * 1000) for r in level]
+            errors = sum(r.errors for r in level)
+            lines.append(
+                f"| {label} | {concurrency} | {' / '.join(f'{t:.1f}' for t in tps)} "
+                f"| {_spread(tps)} | {' / '.join(map(str, ttft))} | {errors} |"
+            )
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
