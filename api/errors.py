@@ -71,9 +71,15 @@ class APIHTTPError(StarletteHTTPException):
 
 
 def from_event(event: ErrorEvent) -> APIError:
-    """A worker's error event as the HTTP error to answer with."""
+    """A worker's error event as the HTTP error to answer with. A 503 (its
+    worker was lost, Redis dropped its events) may be retried at once."""
     return APIError(
-        event.status, event.message, code=event.code, type=event.error_type, param=event.param
+        event.status,
+        event.message,
+        code=event.code,
+        type=event.error_type,
+        param=event.param,
+        headers={"Retry-After": "1"} if event.status == 503 else None,
     )
 
 

@@ -125,6 +125,7 @@ def test_non_streamed_client_gets_503_within_seconds(deploy: Fleet) -> None:
     assert response.status_code == 503, response.text
     # Accepted already (worker_lost) or just taken (no worker left to run it).
     assert _error(response.json())["code"] in ("worker_lost", "model_unavailable")
+    assert response.headers["retry-after"].isdigit()
     assert elapsed < DETECT_S, elapsed
     log.info("non-streamed client got its 503 %.2f s after its worker went silent", elapsed)
     # With no worker left, a new request is refused at once, not queued.
