@@ -3,7 +3,6 @@ worker announces (a cluster's API may have no models directory at all)."""
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
@@ -12,6 +11,7 @@ import redis.asyncio as aioredis
 
 from api.errors import APIError
 from schemas import keys
+from schemas.heartbeats import read_beats
 from schemas.registry import ModelConfig, Registry
 
 _CACHE_SECONDS = 1.0
@@ -39,14 +39,11 @@ class Catalog:
         if now - self._cached_at < _CACHE_SECONDS:
             return self._workers
         raw = await self._client.hgetall(keys.WORKERS)
-        workers = []
-        for value in raw.values():
-            try:
-                info = json.loads(value)
-            except ValueError:
-                continue
-            if info.get("expires_at", 0) > now:
-                workers.append(LiveWorker(info["model"], info["worker_id"], info.get("slots", 1)))
+        workers = [
+            LiveWorker(beat.model, beat.worker_id, beat.slots)
+            for beat in read_beats(raw.values())
+            if beat.alive(now)
+        ]
         self._workers, self._cached_at = workers, now
         return workers
 

@@ -66,13 +66,16 @@ def token_key(key: str) -> int | None:
     return value
 
 
-def _bad_string(value: str) -> str | None:
+def text_problem(value: str) -> str | None:
+    """Why `value` cannot reach the database, a tokenizer or llama.cpp as
+    text, or None: a NUL character (Postgres text refuses it) or an unpaired
+    surrogate (not valid Unicode, so not encodable as UTF-8)."""
     if "\x00" in value:
-        return "strings must not contain NUL characters"
+        return "holds a NUL character"
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
-        return "strings must be valid Unicode (an unpaired surrogate such as \\ud800 is not)"
+        return "holds an unpaired surrogate (such as \\ud800), which is not valid Unicode"
     return None
 
 
@@ -91,7 +94,7 @@ def check_value(value: Any) -> None:
         if len(path) >= MAX_DEPTH:
             raise ValueError(f"{_where(path[:3])}...: nested deeper than {MAX_DEPTH} levels")
         if isinstance(item, str):
-            problem = _bad_string(item)
+            problem = text_problem(item)
             if problem:
                 raise ValueError(f"{_where(path)}: {problem}")
         elif isinstance(item, float):
@@ -100,9 +103,9 @@ def check_value(value: Any) -> None:
         elif isinstance(item, dict):
             for key, sub in item.items():
                 if isinstance(key, str):
-                    problem = _bad_string(key)
+                    problem = text_problem(key)
                     if problem:
-                        raise ValueError(f"{_where(path)}: a key: {problem}")
+                        raise ValueError(f"{_where(path)}: a key {problem}")
                 if not isinstance(sub, int):
                     stack.append((sub, (*path, str(key))))
         elif isinstance(item, (list, tuple)):

@@ -20,7 +20,7 @@ from schemas.registry import ModelConfig
 from schemas.settings import get_settings
 from workers.engine.embedding import EmbeddingEngine, EmbedRequest, cosine
 from workers.presence import claim
-from workers.sink import reject_payload
+from workers.sink import reject_payload, report_failure
 from workers.usage import record_usage
 
 log = logging.getLogger(__name__)
@@ -118,11 +118,7 @@ def run_embed(runtime: EmbedRuntime, payload: dict[str, Any]) -> None:
         # After Accepted the API waits on this worker, not on a timeout: every
         # failure must reach the client.
         log.exception("embedding job %s failed", job.request_id)
-        try:
-            event = ErrorEvent(message=f"embedding failed: {exc}")
-            runtime.redis.publish(keys.stream_channel(job.request_id), encode(event))
-        except Exception as publish_exc:
-            log.warning("could not report the failure of %s: %s", job.request_id, publish_exc)
+        report_failure(runtime.redis, job.request_id, f"embedding failed: {exc}")
         raise
 
 

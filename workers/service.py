@@ -22,7 +22,7 @@ from workers.engine.types import ContextLengthExceeded, EngineRequest, Sampling,
 from workers.llama_server import LlamaPromptError, accepted, llama_tokens
 from workers.presence import claim
 from workers.sampling_options import SamplingError, resolve_sampling
-from workers.sink import reject_payload
+from workers.sink import reject_payload, report_failure
 from workers.templates import PromptBuilder, PromptError
 from workers.usage import record_usage
 
@@ -138,13 +138,8 @@ def run_generate(runtime: WorkerRuntime, payload: dict[str, object]) -> None:
     try:
         _run_generate(runtime, job)
     except Exception as exc:
-        # Whatever broke, the client waiting on the channel hears of it (unless
-        # Redis is what broke: the API then ends the stream itself).
         log.exception("job %s failed", job.request_id)
-        try:
-            _publish(runtime, job.request_id, ErrorEvent(message=f"inference failed: {exc}"))
-        except Exception as publish_exc:
-            log.warning("could not report the failure of %s: %s", job.request_id, publish_exc)
+        report_failure(runtime.redis, job.request_id, f"inference failed: {exc}")
         raise
 
 

@@ -103,3 +103,12 @@ def reject_payload(client: redis.Redis, payload: dict[str, object], error: Excep
         client.publish(keys.stream_channel(request_id), encode(event))
     except redis.RedisError as exc:
         log.warning("could not report the invalid job %s: %s", request_id, exc)
+
+
+def report_failure(client: redis.Redis, request_id: str, message: str) -> None:
+    """A job that raised: its client hears of it (unless Redis is what broke:
+    the API then ends the stream itself)."""
+    try:
+        client.publish(keys.stream_channel(request_id), encode(ErrorEvent(message=message)))
+    except Exception as exc:
+        log.warning("could not report the failure of %s: %s", request_id, exc)

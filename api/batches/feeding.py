@@ -3,12 +3,10 @@ out, and feed pending lines to each model's bulk queue in chunks."""
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import uuid
 from datetime import timedelta
-from typing import Any
 
 import redis
 from celery import Celery
@@ -16,7 +14,7 @@ from sqlalchemy import Engine, bindparam, func, select, update
 
 from api.batches.store import Fence
 from schemas import batches as b
-from schemas import keys
+from schemas import heartbeats, keys
 from schemas.openai import error_body
 from schemas.settings import Settings
 from schemas.tables import BATCH_LINES as LINES
@@ -60,17 +58,7 @@ def reclaim(db: Engine, settings: Settings, fence: Fence) -> None:
 
 def live_slots(client: redis.Redis) -> dict[str, int]:
     """Live worker slots per model, from the workers' heartbeats."""
-    slots: dict[str, int] = {}
-    now = time.time()
-    for raw in client.hgetall(keys.WORKERS).values():
-        try:
-            info: dict[str, Any] = json.loads(raw)
-            if info.get("expires_at", 0) > now:
-                model = str(info["model"])
-                slots[model] = slots.get(model, 0) + int(info.get("slots", 1))
-        except (ValueError, KeyError, TypeError, AttributeError):
-            continue
-    return slots
+    return heartbeats.live_slots(client.hgetall(keys.WORKERS).values(), time.time())
 
 
 def waiting_models(db: Engine) -> list[str]:

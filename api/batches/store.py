@@ -13,8 +13,9 @@ from sqlalchemy import Connection, Engine, func, insert, select, update
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
-from api.batches.validate import Line, safe_text, text_problem
+from api.batches.validate import Line, safe_text
 from schemas import batches as b
+from schemas.bounds import text_problem
 from schemas.openai import error_body
 from schemas.tables import BATCH_LINES as LINES
 from schemas.tables import BATCHES, BatchRecord, aware, plausible_id, utcnow

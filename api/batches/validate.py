@@ -28,6 +28,7 @@ from api.catalog import pick_model, require_feature
 from api.errors import APIError, describe_validation
 from api.serving.requests import chat_job, completion_job, embedding_job, rerank_job
 from schemas import batches as b
+from schemas.bounds import text_problem
 from schemas.embeddings import EmbeddingRequest, RerankRequest
 from schemas.openai import ChatCompletionRequest, CompletionRequest, error_body
 from schemas.registry import Registry
@@ -135,17 +136,6 @@ class LineReader:
 # How often (in lines) a long validation calls its keepalive: the scheduler
 # renews its leader lock there, and learns early when it lost it.
 KEEPALIVE_LINES = 500
-
-
-def text_problem(value: str) -> str | None:
-    """Why `value` cannot be stored as database text, or None."""
-    if "\x00" in value:
-        return "holds a NUL character"
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return "holds an unpaired surrogate (such as \\ud800), which is not valid Unicode"
-    return None
 
 
 def json_problem(value: object) -> str | None:

@@ -4,7 +4,6 @@ Retry-After) instead of waiting out its timeout behind the others."""
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -14,6 +13,7 @@ from redis.exceptions import RedisError
 
 from api.errors import APIError
 from schemas import keys
+from schemas.heartbeats import live_slots
 from schemas.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -112,18 +112,6 @@ WAITING = Waiting()
 JOB_TIMES = JobTimes()
 
 
-def _live_slots(raw: list[bytes], model: str, now: float) -> int:
-    slots = 0
-    for value in raw:
-        try:
-            info = json.loads(value)
-        except ValueError:
-            continue
-        if info.get("model") == model and info.get("expires_at", 0) > now:
-            slots += int(info.get("slots", 1))
-    return slots
-
-
 async def admit(
     client: aioredis.Redis, settings: Settings, model: str, waiting: Waiting = WAITING
 ) -> Ticket:
@@ -142,7 +130,7 @@ async def admit(
         # Enqueueing will meet the same outage and answer for it.
         log.warning("could not measure the queue of %s", model, exc_info=True)
         return Ticket(None, model)
-    slots = _live_slots(workers, model, time.time())
+    slots = live_slots(workers, time.time()).get(model, 0)
     if slots == 0:
         return Ticket(None, model)
     # No await from here to hold(): the check and the hold are one step.

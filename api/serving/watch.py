@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -29,6 +28,7 @@ import redis.asyncio as aioredis
 from api.errors import APIError
 from schemas import keys
 from schemas.events import ErrorEvent, encode
+from schemas.heartbeats import read_beats
 
 log = logging.getLogger(__name__)
 
@@ -173,17 +173,11 @@ class WorkerWatch:
         now, mono = time.time(), time.monotonic()
         fresh: dict[str, str] = {}
         expired: set[str] = set()
-        for value in raw.values():
-            try:
-                info = json.loads(value)
-                worker_id, model = str(info["worker_id"]), str(info["model"])
-                alive = float(info.get("expires_at", 0)) > now
-            except (ValueError, KeyError, TypeError):
-                continue
-            if alive:
-                fresh[worker_id] = model
+        for beat in read_beats(raw.values()):
+            if beat.alive(now):
+                fresh[beat.worker_id] = beat.model
             else:
-                expired.add(worker_id)
+                expired.add(beat.worker_id)
         # Ids worth following: workers alive before, and those requests name.
         followed = set(self._live) | {t.worker_id for t in self._tracked if t.worker_id}
         missing = {}
