@@ -10,8 +10,8 @@ from fastapi import Depends, Request
 from sqlalchemy import Engine
 
 from api.catalog import Catalog
-from api.hub import StreamHub
-from api.serving.jobs import JobRunner
+from api.streaming.hub import StreamHub
+from api.streaming.jobs import JobRunner
 from schemas.settings import Settings
 
 

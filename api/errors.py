@@ -12,7 +12,7 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from schemas.events import ErrorEvent
-from schemas.openai import error_body
+from schemas.events import error_body
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ def install(app: FastAPI) -> None:
         return APIError(exc.status_code, str(exc.detail), headers=headers).response()
 
     # An outage is a 503 the client may retry, not a 500: Postgres (files,
-    # batches) refused or dropped the connection. Redis: api/hub.py.
+    # batches) refused or dropped the connection. Redis: api/streaming/hub.py.
     @app.exception_handler(OperationalError)
     @app.exception_handler(InterfaceError)
     async def _database_down(_: Request, exc: DBAPIError) -> JSONResponse:

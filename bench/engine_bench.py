@@ -32,8 +32,8 @@ import llama_cpp
 from bench.sysload import LoadMonitor
 from bench.workload import LEVELS, Job, LevelResult, RequestResult, level_jobs, requests_for
 from schemas.events import TOKEN_PREFIX, Done
-from workers.engine.llama_engine import LlamaEngine
-from workers.engine.llama_model import ContextOptions, LlamaModel
+from workers.engine.llama.engine import LlamaEngine
+from workers.engine.llama.model import ContextOptions, LlamaModel
 from workers.engine.types import EngineRequest, Sampling
 
 log = logging.getLogger("bench.engine")
@@ -71,7 +71,7 @@ class EngineBench:
         self.engine = LlamaEngine(self.model, self.sink)
 
     def tokenize(self, prompt: str) -> list[int]:
-        # What workers.service.build_prompt does for a completion without a template.
+        # What workers.generate.build_prompt does for a completion without a template.
         return self.model.tokenize(prompt, add_special=self.model.add_bos, parse_special=True)
 
     def run_one(self, job: Job, tokens: list[int]) -> RequestResult:

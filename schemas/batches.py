@@ -1,12 +1,11 @@
-"""Bulk jobs (the OpenAI Batches API): line states, endpoints, limits, and the
-request and response models both the API and the workers rely on."""
+"""Bulk jobs (the OpenAI Batches API): what both the API and the workers read:
+line states, batch statuses, endpoints, limits, and the shape of a line's job
+and result."""
 
 from __future__ import annotations
 
 import re
 from typing import Any, Literal
-
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 # The most lines one batch may hold (OpenAI's limit).
 MAX_LINES = 50_000
@@ -59,79 +58,6 @@ def window_seconds(window: str) -> int:
     if seconds > MAX_WINDOW_SECONDS:
         raise ValueError("completion_window may be at most 30d")
     return seconds
-
-
-class BatchCreate(BaseModel):
-    """POST /v1/batches."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    input_file_id: str = Field(min_length=1, max_length=64)
-    endpoint: str
-    completion_window: str = "24h"
-    metadata: dict[str, str] | None = None
-
-    @field_validator("endpoint")
-    @classmethod
-    def _endpoint(cls, value: str) -> str:
-        if value not in ENDPOINTS:
-            raise ValueError(f"endpoint must be one of {', '.join(ENDPOINTS)}")
-        return value
-
-    @field_validator("completion_window")
-    @classmethod
-    def _window(cls, value: str) -> str:
-        window_seconds(value)
-        return value.strip()
-
-    @field_validator("metadata")
-    @classmethod
-    def _metadata(cls, value: dict[str, str] | None) -> dict[str, str] | None:
-        # OpenAI's limits: 16 pairs, keys up to 64 characters, values up to 512.
-        if value is not None and (
-            len(value) > 16 or any(len(k) > 64 or len(v) > 512 for k, v in value.items())
-        ):
-            raise ValueError("metadata holds at most 16 pairs (keys <= 64, values <= 512 chars)")
-        return value
-
-
-class RequestCounts(BaseModel):
-    total: int = 0
-    completed: int = 0
-    failed: int = 0
-
-
-class BatchObject(BaseModel):
-    """The Batch object, as the openai client reads it."""
-
-    id: str
-    object: Literal["batch"] = "batch"
-    endpoint: str
-    errors: dict[str, Any] | None = None
-    input_file_id: str
-    completion_window: str
-    status: str
-    output_file_id: str | None = None
-    error_file_id: str | None = None
-    created_at: int
-    in_progress_at: int | None = None
-    expires_at: int | None = None
-    finalizing_at: int | None = None
-    completed_at: int | None = None
-    failed_at: int | None = None
-    expired_at: int | None = None
-    cancelling_at: int | None = None
-    cancelled_at: int | None = None
-    request_counts: RequestCounts
-    metadata: dict[str, str] | None = None
-
-
-class BatchList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[BatchObject]
-    first_id: str | None = None
-    last_id: str | None = None
-    has_more: bool = False
 
 
 def line_job(

@@ -46,7 +46,7 @@ class Accepted:
     settings: dict[str, Any] | None = None
     prompt: str | None = None
     # The heartbeat id of the worker running the job: the API watches that
-    # worker's heartbeat and ends the request if it dies (api/serving/watch.py).
+    # worker's heartbeat and ends the request if it dies (api/streaming/watch.py).
     worker_id: str | None = None
     type: str = "accepted"
 
@@ -174,3 +174,8 @@ def decode(raw: bytes) -> Event:
     if kind == "embeddings":
         return Embeddings(**data)
     raise ValueError(f"unknown stream event type {kind!r}")
+
+
+def error_body(message: str, *, type: str, code: str, param: str | None = None) -> dict[str, Any]:
+    """The OpenAI error envelope, with a string code."""
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}

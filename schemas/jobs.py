@@ -6,21 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from schemas.bounds import (
-    Bias,
-    Int32,
-    LengthPenalty,
-    LogprobCount,
-    MinusOneInt32,
-    NonNegFloat32,
-    NonNegInt32,
-    Penalty,
-    PositiveFloat32,
-    Probability,
-    Seed,
-    TokenId,
-    Width,
-)
+from schemas.bounds import LengthPenalty, NonNegInt32, TokenId, Width
+from schemas.sampling import SamplingOptions
 
 # Endpoints whose prompt is a conversation (the chat template applies).
 CHAT_ENDPOINTS = ("chat.completions", "edits", "generate.chat")
@@ -49,43 +36,6 @@ class Message(BaseModel):
     # Function calling: an assistant's calls, and the call a tool message answers.
     tool_calls: list[dict[str, Any]] | None = None
     tool_call_id: str | None = None
-
-
-class SamplingOptions(BaseModel):
-    """Per-request sampling; None means the model's (then llama-server's) default."""
-
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-
-    # 0 (llama.cpp's n_predict 0) evaluates the prompt into the cache only.
-    max_tokens: NonNegInt32 | None = None
-    temperature: NonNegFloat32 | None = None
-    top_p: Probability | None = None
-    top_k: Int32 | None = None
-    min_p: Probability | None = None
-    typical_p: Probability | None = None
-    min_keep: NonNegInt32 | None = None
-    repeat_penalty: PositiveFloat32 | None = None
-    repeat_last_n: MinusOneInt32 | None = None
-    presence_penalty: Penalty | None = None
-    frequency_penalty: Penalty | None = None
-    mirostat: Literal[0, 1, 2] | None = None
-    mirostat_tau: PositiveFloat32 | None = None
-    mirostat_eta: PositiveFloat32 | None = None
-    seed: Seed | None = None
-    stop: list[str] = Field(default_factory=list)
-    # (token id or text, bias); a bias of False bans the token(s).
-    logit_bias: list[tuple[TokenId | str, Bias]] = Field(default_factory=list)
-    grammar: str | None = None
-    # A JSON schema the output must follow; {} means any JSON object.
-    json_schema: dict[str, Any] | None = None
-    # Log-probabilities of the chosen tokens and this many alternatives.
-    logprobs: LogprobCount | None = None
-    ignore_eos: bool = False
-    n: Width = 1
-    cache_prompt: bool = True
-    # llama-server's sampler chain order (canonical names: "penalties",
-    # "top_k", "typ_p", "top_p", "min_p", "temperature", ...); None: its default.
-    samplers: list[str] | None = None
 
 
 class InfillChunk(BaseModel):

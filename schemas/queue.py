@@ -16,7 +16,7 @@ reliability tests check):
   the first copy) and is dropped. An interactive job runs at most once per id.
 - Re-running is the API's call, because only the API knows whether the client
   saw a token: it watches the heartbeat of the worker that accepted each job
-  (api/serving/watch.py), ends a job whose tokens went out with a 503
+  (api/streaming/watch.py), ends a job whose tokens went out with a 503
   `worker_lost`, and queues one that had sent nothing again under a new id
   (the old id's cancel key set, so a stray copy is dropped).
 - Bulk lines are tracked by leases in the database, not by their messages.

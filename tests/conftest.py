@@ -17,9 +17,9 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 from schemas.settings import normalize_database_url
-from tests.servers import start_postgres, start_redis
-from tests.stack import stack
-from tests.tinymodel import write_tiny_llama
+from tests.support.servers import start_postgres, start_redis
+from tests.support.stack import stack
+from tests.support.tinymodel import write_tiny_llama
 
 logging.getLogger("gguf").setLevel(logging.WARNING)
 

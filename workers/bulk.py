@@ -34,10 +34,10 @@ from schemas.events import Done, Embeddings, ErrorEvent
 from schemas.jobs import EmbedJob, GenerateJob
 from schemas.tables import BATCH_LINES as LINES
 from schemas.tables import utcnow
-from workers.embed_service import EmbedRuntime, InputError, build_inputs, make_answer
-from workers.engine.embedding import EmbedRequest
+from workers.embed import EmbedRuntime, InputError, build_inputs, make_answer
+from workers.engine.llama.embedding import EmbedRequest
 from workers.engine.types import BULK, EngineRequest
-from workers.service import Rejected, WorkerRuntime, prepare
+from workers.generate import Rejected, WorkerRuntime, prepare
 from workers.usage import insert_usage
 
 log = logging.getLogger(__name__)

@@ -18,14 +18,14 @@ import redis
 from schemas import keys
 from schemas.events import Accepted
 from schemas.jobs import GenerateJob, InfillInput
-from schemas.llama_server import DEFAULT_SAMPLERS
+from schemas.sampling import DEFAULT_SAMPLERS
 from schemas.llama_vocab import tokenize_mixed
 from schemas.registry import ModelConfig
-from workers.engine.llama_engine import LlamaEngine
-from workers.engine.llama_model import LlamaModel
+from workers.engine.llama.engine import LlamaEngine
+from workers.engine.llama.model import LlamaModel
 from workers.engine.types import Sampling
-from workers.sampling_options import resolve_sampling
-from workers.templates import PromptError
+from workers.engine.llama.options import resolve_sampling
+from schemas.templates import PromptError
 
 log = logging.getLogger(__name__)
 

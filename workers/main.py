@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from sqlalchemy import Engine
 
     from workers.engine.types import EngineRequest
-    from workers.service import WorkerRuntime
+    from workers.generate import WorkerRuntime
     from workers.sink import RedisSink
 
 log = logging.getLogger("inferq.worker")
@@ -75,8 +75,8 @@ def run_worker(model_name: str, *, gpu: int | None = None) -> int:
     )
     embed_runtime = None
     if config.embeddings or config.reranking:
-        from workers.embed_service import EmbedRuntime
-        from workers.engine.embedding import EmbeddingEngine
+        from workers.embed import EmbedRuntime
+        from workers.engine.llama.embedding import EmbeddingEngine
 
         log.info("loading %s for embeddings from %s", config.name, path)
         embedder = EmbeddingEngine(
@@ -184,10 +184,10 @@ def _generation_runtime(
     sink: RedisSink,
     running: dict[str, EngineRequest],
 ) -> WorkerRuntime:
-    from workers.engine.llama_engine import LlamaEngine
-    from workers.engine.llama_model import ContextOptions, LlamaModel
-    from workers.service import WorkerRuntime
-    from workers.templates import PromptBuilder
+    from workers.engine.llama.engine import LlamaEngine
+    from workers.engine.llama.model import ContextOptions, LlamaModel
+    from workers.generate import WorkerRuntime
+    from schemas.templates import PromptBuilder
 
     log.info("loading %s from %s", config.name, path)
     model = LlamaModel(

@@ -12,8 +12,8 @@ from schemas.events import ErrorEvent, encode
 
 if TYPE_CHECKING:
     from workers.bulk import BulkRunner
-    from workers.embed_service import EmbedRuntime
-    from workers.service import WorkerRuntime
+    from workers.embed import EmbedRuntime
+    from workers.generate import WorkerRuntime
 
 
 def _reject(client: redis.Redis, payload: dict[str, Any], message: str) -> None:
@@ -45,7 +45,7 @@ def register(
             assert client is not None
             _reject(client, payload, f"model '{model}' serves embeddings, not text generation")
             return
-        from workers.service import run_generate
+        from workers.generate import run_generate
 
         run_generate(runtime, payload)
 
@@ -56,7 +56,7 @@ def register(
             kind = "rerank" if payload.get("kind") == "rerank" else "embeddings"
             _reject(client, payload, f"model '{model}' does not serve {kind}")
             return
-        from workers.embed_service import run_embed
+        from workers.embed import run_embed
 
         run_embed(embed_runtime, payload)
 

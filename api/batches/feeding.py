@@ -15,7 +15,7 @@ from sqlalchemy import Engine, bindparam, func, select, update
 from api.batches.store import Fence
 from schemas import batches as b
 from schemas import heartbeats, keys
-from schemas.openai import error_body
+from schemas.events import error_body
 from schemas.settings import Settings
 from schemas.tables import BATCH_LINES as LINES
 from schemas.tables import BATCHES, utcnow

@@ -11,13 +11,13 @@ from typing import Any
 import orjson
 from sqlalchemy import Engine, select
 
-from api import files_store
-from api.serving import bodies
-from api.serving.embedding_bodies import embedding_body, rerank_body
+from api.files import store as files_store
+from api.openai import bodies
+from api.embeddings.bodies import embedding_body, rerank_body
 from schemas import batches as b
 from schemas.events import Done, Embeddings, ErrorEvent, decode
 from schemas.jobs import EmbedJob, GenerateJob
-from schemas.openai import error_body
+from schemas.events import error_body
 from schemas.tables import BATCH_LINES as LINES
 
 log = logging.getLogger("inferq.batches")

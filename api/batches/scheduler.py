@@ -32,7 +32,7 @@ from celery import Celery
 from sqlalchemy import Engine, func, select, update
 from sqlalchemy import exc as sa_exc
 
-from api import files_store
+from api.files import store as files_store
 from api.batches import feeding, output, store
 from api.batches.leader import Leadership, NotLeader
 from api.batches.validate import Line, LineReader, parse, reported, split_lines

@@ -14,9 +14,10 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
 from api.batches.validate import Line, safe_text
+from api.batches import protocol
 from schemas import batches as b
 from schemas.bounds import text_problem
-from schemas.openai import error_body
+from schemas.events import error_body
 from schemas.tables import BATCH_LINES as LINES
 from schemas.tables import BATCHES, BatchRecord, aware, plausible_id, utcnow
 
@@ -27,7 +28,7 @@ def _ts(value: datetime | None) -> int | None:
     return int(aware(value).timestamp()) if value is not None else None
 
 
-def create_batch(db: Engine, *, create: b.BatchCreate) -> BatchRecord:
+def create_batch(db: Engine, *, create: protocol.BatchCreate) -> BatchRecord:
     now = utcnow()
     record = BatchRecord(
         id=f"batch_{uuid.uuid4().hex}",
@@ -68,9 +69,9 @@ def list_batches(
     return rows[:limit], len(rows) > limit
 
 
-def counts(db: Engine, *, batch_ids: Sequence[str]) -> dict[str, b.RequestCounts]:
+def counts(db: Engine, *, batch_ids: Sequence[str]) -> dict[str, protocol.RequestCounts]:
     """request_counts: every line in the error file counts as failed."""
-    out = {batch_id: b.RequestCounts() for batch_id in batch_ids}
+    out = {batch_id: protocol.RequestCounts() for batch_id in batch_ids}
     if not batch_ids:
         return out
     query = (
@@ -89,8 +90,8 @@ def counts(db: Engine, *, batch_ids: Sequence[str]) -> dict[str, b.RequestCounts
     return out
 
 
-def batch_object(record: BatchRecord, request_counts: b.RequestCounts) -> b.BatchObject:
-    return b.BatchObject(
+def batch_object(record: BatchRecord, request_counts: protocol.RequestCounts) -> protocol.BatchObject:
+    return protocol.BatchObject(
         id=record.id,
         endpoint=record.endpoint,
         errors=record.errors,  # type: ignore[arg-type]

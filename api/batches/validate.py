@@ -26,11 +26,12 @@ from pydantic import BaseModel, ValidationError
 
 from api.catalog import pick_model, require_feature
 from api.errors import APIError, describe_validation
-from api.serving.requests import chat_job, completion_job, embedding_job, rerank_job
+from api.openai.requests import chat_job, completion_job, embedding_job, rerank_job
 from schemas import batches as b
 from schemas.bounds import text_problem
-from schemas.embeddings import EmbeddingRequest, RerankRequest
-from schemas.openai import ChatCompletionRequest, CompletionRequest, error_body
+from api.embeddings.protocol import EmbeddingRequest, RerankRequest
+from api.openai.protocol import ChatCompletionRequest, CompletionRequest
+from schemas.events import error_body
 from schemas.registry import Registry
 
 log = logging.getLogger("inferq.batches")

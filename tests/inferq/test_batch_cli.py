@@ -21,7 +21,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from inferq.cli import main
 from inferq.progress import Progress, format_duration
-from tests.procs import free_port
+from tests.support.procs import free_port
 
 LINES_PER_POLL = 2
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from inferq.convert_bert import convert_minilm
-from workers.engine.embedding import EmbeddingEngine, EmbedRequest, cosine
+from workers.engine.llama.embedding import EmbeddingEngine, EmbedRequest, cosine
 
 
 def test_converted_minilm_embeds_meaningfully(tmp_path: Path) -> None:

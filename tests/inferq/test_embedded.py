@@ -16,7 +16,7 @@ import psutil
 import pytest
 from sqlalchemy import create_engine, text
 
-from tests.procs import base_env, free_port, stop, wait_status
+from tests.support.procs import base_env, free_port, stop, wait_status
 
 
 @dataclass

@@ -17,18 +17,19 @@ import pytest
 import redis
 from sqlalchemy import Engine, select
 
-from api import files_store
+from api.files import store as files_store
 from api.batches import feeding, store
 from api.batches.scheduler import BatchScheduler
 from inferq.migrate import upgrade
+from api.batches import protocol
 from schemas import batches as b
 from schemas.db import make_engine
 from schemas.queue import make_celery
 from schemas.registry import load_registry
 from schemas.settings import Settings
 from schemas.tables import BATCH_LINES, USAGE, BatchRecord
-from tests.procs import base_env, inferq, stop
-from tests.servers import Server, start_redis
+from tests.support.procs import base_env, inferq, stop
+from tests.support.servers import Server, start_redis
 
 CHAT = "/v1/chat/completions"
 
@@ -62,7 +63,7 @@ class Bench:
         file = files_store.create_file(
             self.db, filename="in.jsonl", purpose="batch", chunks=[data], max_bytes=None
         )
-        create = b.BatchCreate(input_file_id=file.id, endpoint=endpoint, completion_window="24h")
+        create = protocol.BatchCreate(input_file_id=file.id, endpoint=endpoint, completion_window="24h")
         batch_id: str = store.create_batch(self.db, create=create).id
         return batch_id
 

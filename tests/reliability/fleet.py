@@ -18,8 +18,8 @@ import httpx
 import redis
 from sqlalchemy import create_engine, text
 
-from tests.procs import base_env, free_port, inferq, stop, wait_status
-from tests.servers import start_redis
+from tests.support.procs import base_env, free_port, inferq, stop, wait_status
+from tests.support.servers import start_redis
 
 MODEL = "tiny"
 # Long enough that a stream is still generating when the test strikes.

@@ -23,9 +23,9 @@ import pytest
 import redis
 from sqlalchemy import create_engine, text
 
-from tests.procs import base_env, free_port, inferq, stop, wait_status
+from tests.support.procs import base_env, free_port, inferq, stop, wait_status
 from tests.reliability.hostile import CHAT_MODEL, EMBED_MODEL
-from tests.tinybert import write_tiny_bert
+from tests.support.tinybert import write_tiny_bert
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def _limit_memory() -> None:
 
 
 def spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    """`inferq ARGS` as tests.procs.inferq starts it, with MEMORY_LIMIT."""
+    """`inferq ARGS` as tests.support.procs.inferq starts it, with MEMORY_LIMIT."""
     return subprocess.Popen(
         [sys.executable, "-m", "inferq", *args],
         env=env,

@@ -13,8 +13,8 @@ import httpx
 import openai
 import pytest
 
-from tests.e2e.conftest import MODEL, Stack
-from tests.procs import free_port, inferq, stop, wait_status
+from tests.support.stack import MODEL, Stack
+from tests.support.procs import free_port, inferq, stop, wait_status
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -17,8 +17,8 @@ import httpx
 import openai
 import pytest
 
-from tests.procs import base_env, free_port, stop, wait_status
-from tests.tinybert import write_tiny_bert
+from tests.support.procs import base_env, free_port, stop, wait_status
+from tests.support.tinybert import write_tiny_bert
 
 pytestmark = pytest.mark.timeout(180)
 

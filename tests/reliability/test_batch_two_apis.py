@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, text
 
-from tests.e2e.batch_helpers import chat_line, read_lines, submit, wait
-from tests.e2e.test_batch_durability import Durable, durable
-from tests.procs import free_port, inferq, stop, wait_status
+from tests.support.batches import chat_line, read_lines, submit, wait
+from tests.api.batches.test_durability import Durable, durable
+from tests.support.procs import free_port, inferq, stop, wait_status
 
 __all__ = ["durable"]
 

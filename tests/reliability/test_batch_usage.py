@@ -15,7 +15,7 @@ from sqlalchemy import update
 from api.batches import feeding
 from schemas import batches as b
 from schemas.db import make_engine
-from schemas.openai import error_body
+from schemas.events import error_body
 from schemas.tables import BATCH_LINES, utcnow
 from tests.reliability.batch_bench import Bench, chat_lines
 from workers.bulk import BulkRunner, Held, Outcome

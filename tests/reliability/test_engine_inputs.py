@@ -26,7 +26,7 @@ from schemas import keys
 from schemas.events import Done, ErrorEvent, decode
 from schemas.queue import make_celery
 from schemas.settings import Settings
-from tests.e2e.conftest import MODEL, Stack
+from tests.support.stack import MODEL, Stack
 
 Body = dict[str, Any]
 # A hostile request is answered well within this (the stack's request

@@ -27,9 +27,9 @@ import psycopg
 import pytest
 from sqlalchemy import create_engine, text
 
-from tests.e2e.batch_helpers import chat_line, read_lines, submit, wait, wait_for
-from tests.procs import base_env, free_port, inferq, stop, wait_status
-from tests.servers import PG_SUPERUSER, Server, _spawn, _unprivileged, start_postgres, start_redis
+from tests.support.batches import chat_line, read_lines, submit, wait, wait_for
+from tests.support.procs import base_env, free_port, inferq, stop, wait_status
+from tests.support.servers import PG_SUPERUSER, Server, _spawn, _unprivileged, start_postgres, start_redis
 
 LINES = 60
 OUTAGE_S = 6.0  # longer than the lease (3 s): leases lapse while it is down

@@ -16,8 +16,10 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from api.errors import APIError
-from api.serving import requests
-from schemas import embeddings, llama_server, openai
+from api.openai import requests
+from api.embeddings import protocol as embeddings
+from api.llama import protocol as llama_server
+from api.openai import protocol as openai
 from schemas.bounds import MAX_DEPTH, check_value, loads_strict
 from schemas.registry import ModelConfig, Parameters
 from schemas.settings import Settings

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from schemas.events import Done, TokenEvent, decode
-from workers.engine.llama_engine import LlamaEngine
-from workers.engine.llama_model import ContextOptions, LlamaModel
+from workers.engine.llama.engine import LlamaEngine
+from workers.engine.llama.model import ContextOptions, LlamaModel
 from workers.engine.types import EngineRequest, Sampling
 
 

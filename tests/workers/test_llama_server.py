@@ -12,10 +12,10 @@ import pytest
 
 from schemas.events import ChoiceResult, Done
 from schemas.jobs import GenerateJob, InfillChunk, InfillInput
-from tests.tinymodel import BOS_TOKEN, BOS_TOKEN_ID, FIM_TOKENS
+from tests.support.tinymodel import BOS_TOKEN, BOS_TOKEN_ID, FIM_TOKENS
 from tests.workers.conftest import RecordingSink, prompt_tokens, run, text_of
-from workers.engine.llama_engine import LlamaEngine
-from workers.engine.llama_model import ContextOptions, LlamaModel
+from workers.engine.llama.engine import LlamaEngine
+from workers.engine.llama.model import ContextOptions, LlamaModel
 from workers.engine.types import EngineRequest, InvalidSlot, Sampling
 from workers.llama_server import (
     LlamaPromptError,

@@ -1,0 +1,466 @@
+"""Continuous batching over one llama.cpp context.
+
+One engine thread owns the context. Every step it decodes, in a single
+`llama_decode`, the next token of every generating sequence plus chunks of
+the prompts still being evaluated, then samples each sequence with its own
+sampler chain. Requests join between steps and leave as soon as they finish,
+freeing their slots; a slot keeps its KV cache so that the next prompt with
+the same prefix only evaluates the rest."""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import llama_cpp
+
+from schemas.events import (
+    ChoiceResult,
+    Done,
+    ErrorEvent,
+    Usage,
+    encode,
+    encode_token,
+    encode_token_logprobs,
+)
+from workers.engine.llama import beam
+from workers.engine.llama.admission import next_request, preempt_for_interactive
+from workers.engine.llama.batch import Batch, plan
+from workers.engine.llama.lifecycle import SHUTTING_DOWN, abandon, error, wait_bounded
+from workers.engine.llama.model import LlamaModel
+from workers.engine.llama.sampling import logprob_entry
+from workers.engine.llama.sequence import Group, Sequence
+from workers.engine.llama.slots import Slots
+from workers.engine.llama.starting import start
+from workers.engine.types import (
+    PROMPT_TOKEN_BUDGET_S,
+    TOKEN_BUDGET_S,
+    ContextLengthExceeded,
+    EngineRequest,
+    EventSink,
+    InvalidSlot,
+    TooManyChoices,
+)
+
+log = logging.getLogger("inferq.engine")
+
+Out = list[tuple[str, bytes]]
+
+
+def _slot_of(seq: Sequence) -> int:
+    return seq.slot
+
+
+@dataclass
+class EngineStats:
+    steps: int = 0
+    prompt_tokens_evaluated: int = 0
+    prompt_tokens_cached: int = 0
+    tokens_generated: int = 0
+    preempted: int = 0
+
+
+class LlamaEngine:
+    def __init__(self, model: LlamaModel, sink: EventSink) -> None:
+        self.model = model
+        self.sink = sink
+        self.n_slots = model.n_slots
+        self.n_ctx_per_slot = model.n_ctx_per_slot
+        self.stats = EngineStats()
+        self._incoming: collections.deque[EngineRequest] = collections.deque()
+        self._arrivals = itertools.count(1)
+        self._waiting: collections.deque[EngineRequest] = collections.deque()
+        self._wake = threading.Condition()
+        # Tokens whose KV entries each slot holds, for prompt prefix reuse.
+        self._slots = Slots(model)
+        self._active: list[Sequence] = []
+        self._finished: list[EngineRequest] = []
+        self._stopping = False
+        self._batch = Batch(model.n_batch)
+        self._thread = threading.Thread(target=self._run, name="llama-engine", daemon=True)
+        self._thread.start()
+
+    # -- public -------------------------------------------------------------
+
+    def check_fits(self, prompt_tokens: int, max_tokens: int | None, n: int = 1) -> None:
+        """Raise unless the prompt (+ max_tokens) fits a slot and n slots exist."""
+        needed = prompt_tokens + (max_tokens or 1)
+        if prompt_tokens == 0 or needed > self.n_ctx_per_slot:
+            raise ContextLengthExceeded(
+                prompt_tokens=prompt_tokens, max_tokens=max_tokens, n_ctx=self.n_ctx_per_slot
+            )
+        if n > self.n_slots:
+            raise TooManyChoices(n, self.n_slots)
+
+    def submit(self, *requests: EngineRequest) -> None:
+        """Queue requests; several given together join the same step."""
+        n_vocab = self.model.n_vocab
+        for request in requests:
+            sampling = request.sampling
+            self.check_fits(len(request.prompt_tokens), sampling.max_tokens, sampling.n)
+            if request.id_slot is not None and not 0 <= request.id_slot < self.n_slots:
+                raise InvalidSlot(request.id_slot, self.n_slots)
+            # llama_decode with a token outside the vocabulary fails the whole
+            # step: such a prompt never gets that far.
+            if not all(0 <= t < n_vocab for t in request.prompt_tokens):
+                raise ValueError(f"the prompt holds token ids outside 0 to {n_vocab - 1}")
+        with self._wake:
+            if self._stopping:
+                # The engine thread is gone or going: nobody else would end these.
+                abandon(self.sink, list(requests), SHUTTING_DOWN, 503)
+                return
+            for request in requests:
+                request.arrival = next(self._arrivals)
+            self._incoming.extend(requests)
+            self._wake.notify()
+
+    def wait(
+        self,
+        request: EngineRequest,
+        *,
+        queue_timeout: float,
+        prompt_token_s: float = PROMPT_TOKEN_BUDGET_S,
+        token_s: float = TOKEN_BUDGET_S,
+    ) -> Done | ErrorEvent:
+        """The result of a submitted request, waited for within its time_budget
+        (queue_timeout for a slot, then so long per prompt token and per token
+        to generate). Past it the request is expired (a 504 error event);
+        should the engine not end it even then, it is ended here: no caller
+        ever waits forever."""
+        return wait_bounded(
+            self,
+            request,
+            queue_timeout=queue_timeout,
+            prompt_token_s=prompt_token_s,
+            token_s=token_s,
+        )
+
+    def expire(self, request: EngineRequest, reason: str) -> None:
+        """End `request` at the next step with a 504 error event."""
+        request.expired = reason
+        request.cancel()
+        with self._wake:
+            self._wake.notify()
+
+    def close(self) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        self._thread.join(timeout=30)
+        if self._thread.is_alive():
+            # Freeing the context under a running decode would crash: leak it,
+            # but end every request, so that no waiter hangs on a dead engine.
+            log.error("the engine thread did not stop within 30 s")
+            pending = [*self._incoming, *self._waiting, *(s.request for s in self._active)]
+            abandon(self.sink, pending, SHUTTING_DOWN, 503)
+            return
+        self._batch.free()
+        self.model.close()
+
+    # -- engine thread --------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            self._loop()
+        finally:
+            # Whatever ended the loop, every request still here gets its end.
+            out: Out = []
+            for seq in list(self._active):
+                self._fail(seq.group, out, SHUTTING_DOWN, status=503)
+            with self._wake:
+                self._stopping = True
+                pending = [*self._waiting, *self._incoming]
+                self._waiting.clear()
+                self._incoming.clear()
+            for request in pending:
+                self._finish(request, ErrorEvent(SHUTTING_DOWN, status=503), out)
+            self._flush(out)
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not (self._incoming or self._active or self._waiting or self._stopping):
+                    self._wake.wait()
+                if self._stopping:
+                    return
+                self._waiting.extend(self._incoming)
+                self._incoming.clear()
+            out: Out = []
+            try:
+                self._admit(out)
+                if self._active:
+                    self._step(out)
+            except Exception as exc:
+                # Failures of one request are caught where they happen (see
+                # _isolated); this is the last resort, so the worker lives on.
+                log.exception("engine step failed")
+                for seq in list(self._active):
+                    self._fail(seq.group, out, f"inference failed: {exc}")
+            self._flush(out)
+
+    def _flush(self, out: Out) -> None:
+        if out:
+            try:
+                self.sink.publish(out)
+            except Exception:
+                log.exception("publishing events failed")
+        # Waiters learn of the end only after its event went out, so a job is
+        # never acknowledged before its client could hear the result.
+        for request in self._finished:
+            request.finished.set()
+            if request.on_finish is not None:
+                try:
+                    request.on_finish(request)
+                except Exception:
+                    log.exception("finish callback of %s failed", request.request_id)
+        self._finished.clear()
+
+    def _admit(self, out: Out) -> None:
+        for cancelled in [r for r in self._waiting if r.cancelled]:
+            self._waiting.remove(cancelled)
+            expired = cancelled.expired
+            end = _cancelled(cancelled) if expired is None else error(expired, 504)
+            self._finish(cancelled, end, out)
+        self.stats.preempted += preempt_for_interactive(
+            self._waiting, self._active, len(self._slots.free), self._give_back
+        )
+        while (request := next_request(self._waiting, self._slots.free)) is not None:
+            self._waiting.remove(request)
+            try:
+                self._start(request)
+            except Exception as exc:
+                log.exception("starting request %s failed", request.request_id)
+                self._finish(request, ErrorEvent(f"the request could not start: {exc}"), out)
+
+    def _start(self, request: EngineRequest) -> None:
+        seqs = start(request, self._slots, self.model)
+        self.stats.prompt_tokens_cached += seqs[0].group.tokens_cached
+        request.admitted = True
+        self._active.extend(seqs)
+
+    def _give_back(self, group: Group) -> int:
+        """Preemption: free a bulk group's slots, keeping their cache for reuse."""
+        seqs = [s for s in self._active if s.group is group]
+        for seq in seqs:
+            self._release(seq)
+        return len(seqs)
+
+    def _step(self, out: Out) -> None:
+        for seq in [s for s in self._active if s.request.cancelled]:
+            if seq in self._active:
+                with self._isolated(seq.group, out, "cancelling"):
+                    self._cancel_group(seq.group, out)
+        if not self._active:
+            return
+        stepping, chunks = plan(self._active, self.model.n_batch)
+        # Laid out in ascending slot order: without a unified KV cache
+        # llama.cpp only puts consecutive sequence ids into one micro-batch,
+        # and every extra micro-batch is another pass over the weights.
+        n = 0
+        completed: list[Sequence] = []
+        for seq in self._active:
+            seq.logits_index = -1
+        in_batch: list[Sequence] = []
+        for seq in sorted(stepping, key=_slot_of):
+            if seq not in self._active:
+                continue  # its request failed while an earlier sibling was laid out
+            with self._isolated(seq.group, out, "preparing the batch"):
+                take = chunks.get(id(seq), 0)
+                if take and seq.group.prompt_started is None:
+                    seq.group.prompt_started = _now()
+                cached = self._slots.tokens[seq.slot]
+                added, prompt_done = self._batch.lay_out(seq, n, take, cached)
+                self.stats.prompt_tokens_evaluated += take if added else 0
+                if added:
+                    in_batch.append(seq)
+                    n += added
+                if prompt_done:
+                    completed.append(seq)
+        if n == 0:
+            return
+        rc = self._batch.decode(self.model.ctx, n)
+        if rc != 0:
+            # The one failure that is the step's, not one request's: every
+            # request with tokens in this batch fails (their caches are dropped).
+            log.error("llama_decode returned %d for a batch of %d tokens", rc, n)
+            for seq in in_batch:
+                if seq in self._active:
+                    self._fail(seq.group, out, f"inference failed: llama_decode returned {rc}")
+            return
+        self.stats.steps += 1
+        for primary in completed:
+            if primary in self._active:
+                primary.group.prompt_done = _now()
+                with self._isolated(primary.group, out, "forking the choices"):
+                    self._fork(primary)
+        beams: dict[int, list[Sequence]] = {}
+        for seq in list(self._active):
+            if seq.group.beam is not None and seq.logits_index >= 0:
+                beams.setdefault(id(seq.group), []).append(seq)
+                continue
+            if seq.logits_index >= 0 and seq in self._active:
+                with self._isolated(seq.group, out, "sampling"):
+                    self._on_token(seq, seq.sampler.sample(self.model.ctx, seq.logits_index), out)
+
+        for group_seqs in beams.values():
+            group = group_seqs[0].group
+            if group_seqs[0] in self._active:
+                with self._isolated(group, out, "beam search"):
+                    self._advance_beams(sorted(group_seqs, key=lambda s: s.index), out)
+
+    @contextlib.contextmanager
+    def _isolated(self, group: Group, out: Out, what: str) -> Iterator[None]:
+        """An exception while working on one request fails that request (a 500
+        error event), not the step, the other requests or the worker."""
+        try:
+            yield
+        except Exception as exc:
+            log.exception("%s failed for request %s", what, group.request.request_id)
+            self._fail(group, out, f"inference failed while {what}: {exc}")
+
+    def _advance_beams(self, seqs: list[Sequence], out: Out) -> None:
+        group = seqs[0].group
+        if group.first_token_at is None:
+            group.first_token_at = _now()
+        results = beam.advance(self, group, seqs)
+        if results is None:
+            return
+        for seq in [s for s in self._active if s.group is group]:
+            self._release(seq)
+        group.n_generated = sum(r.n_tokens or 0 for r in results)
+        self.stats.tokens_generated += group.n_generated
+        for result in results:
+            group.choices[result.index] = result
+        # Fewer hypotheses than beams can come back (all ended at once).
+        for index in range(len(results), group.n):
+            group.choices[index] = ChoiceResult(index=index, finish_reason="stop", text="")
+        self._finish(group.request, group.result(), out)
+
+    def drop_beam(self, seq: Sequence) -> None:
+        """A beam the search no longer continues frees its slot."""
+        self._release(seq, keep_cache=False)
+
+    def copy_slot_tokens(self, source: int, target: int) -> None:
+        """Beam search copied one slot's KV cache into another."""
+        self._slots.copy(source, target)
+
+    def _fork(self, primary: Sequence) -> None:
+        """Siblings of a request take a copy of its evaluated prompt (the copy
+        happens inside the next decode) and sample from the same logits.
+        Beams are copied by the beam step itself, into just the slots that
+        need one, so a whole-stream copy is not made here first."""
+        for seq in self._active:
+            if seq.fork_of is primary:
+                if primary.group.beam is None:
+                    llama_cpp.llama_memory_seq_cp(self.model.memory, primary.slot, seq.slot, -1, -1)
+                    self._slots.copy(primary.slot, seq.slot)
+                seq.fork_of = None
+                seq.n_evaluated = primary.n_evaluated
+                seq.logits_index = primary.logits_index
+
+    def _on_token(self, seq: Sequence, token: int | None, out: Out) -> None:
+        """`token` None: nothing may follow (a grammar that is complete or
+        whose every allowed token is banned): the sequence ends there."""
+        request = seq.request
+        group = seq.group
+        if seq.max_tokens == 0:
+            # llama.cpp's n_predict 0: the prompt is in the cache, nothing more.
+            self._complete(seq, "length", out, "limit")
+            return
+        if group.first_token_at is None:
+            group.first_token_at = _now()
+        if token is None:
+            self._complete(seq, "stop", out, "eos")
+            return
+        if request.sampling.logprobs is not None:
+            entry = logprob_entry(
+                self.model, seq.logits_index, token, seq.request.sampling.logprobs or 0
+            )
+        if self.model.is_eog(token):
+            self._complete(seq, "stop", out, "eos")
+            return
+        seq.n_generated += 1
+        group.n_generated += 1
+        self.stats.tokens_generated += 1
+        seq.last_token = token
+        text = seq.text.push(self.model.piece(token))
+        if request.sampling.logprobs is not None:
+            seq.logprobs.append(entry)
+            seq.pending_logprobs.append(entry)
+        if request.streams:
+            self._emit(seq, text, out)
+        if seq.text.stopped:
+            self._complete(seq, "stop", out, "word")
+        elif (
+            seq.n_generated >= seq.max_tokens
+            or len(request.prompt_tokens) + seq.n_generated >= self.n_ctx_per_slot
+        ):
+            self._complete(seq, "length", out, "limit")
+
+    def _emit(self, seq: Sequence, text: str, out: Out) -> None:
+        request_id = seq.request.request_id
+        if seq.request.sampling.logprobs is None:
+            if text:
+                out.append((request_id, encode_token(seq.index, text)))
+        elif text or seq.text.stopped:
+            out.append((request_id, encode_token_logprobs(seq.index, text, seq.pending_logprobs)))
+            seq.pending_logprobs = []
+
+    def _complete(self, seq: Sequence, reason: str, out: Out, stop_type: str) -> None:
+        if not seq.text.stopped:
+            tail = seq.text.finish()
+            if seq.request.streams and (tail or seq.pending_logprobs):
+                self._emit(seq, tail, out)
+        seq.group.choices[seq.index] = seq.finish(reason, stop_type)
+        self._release(seq)
+        if seq.group.complete:
+            self._finish(seq.request, seq.group.result(), out)
+
+    def _cancel_group(self, group: Group, out: Out) -> None:
+        if group.request.expired is not None:
+            self._fail(group, out, group.request.expired, status=504)
+            return
+        for seq in [s for s in self._active if s.group is group]:
+            self._release(seq)
+        result = group.result()
+        choices = [ChoiceResult(index=i, finish_reason="cancelled") for i in range(group.n)]
+        self._finish(group.request, Done(choices, result.usage, None, result.duration_ms), out)
+
+    def _fail(self, group: Group, out: Out, message: str, status: int = 500) -> None:
+        for seq in [s for s in self._active if s.group is group]:
+            try:
+                self._release(seq, keep_cache=False)
+            except Exception:
+                log.exception("releasing a slot of %s failed", group.request.request_id)
+        self._finish(group.request, error(message, status), out)
+
+    def _release(self, seq: Sequence, *, keep_cache: bool = True) -> None:
+        self._active.remove(seq)
+        try:
+            seq.sampler.free()
+        finally:
+            keep = keep_cache and seq.request.sampling.cache_prompt and not seq.waiting
+            self._slots.release(seq.slot, keep_cache=keep)
+
+    def _finish(self, request: EngineRequest, result: Done | ErrorEvent, out: Out) -> None:
+        if not request.settle(result):
+            return
+        request.admitted = False  # its slots are released by now
+        if request.publish:
+            out.append((request.request_id, encode(result)))
+        self._finished.append(request)
+
+
+def _cancelled(request: EngineRequest) -> Done:
+    choices = [ChoiceResult(index=i, finish_reason="cancelled") for i in range(request.sampling.n)]
+    return Done(choices=choices, usage=Usage(len(request.prompt_tokens), 0))
+
+
+def _now() -> float:
+    return time.perf_counter()

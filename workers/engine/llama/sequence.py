@@ -1,0 +1,129 @@
+"""Book-keeping of the requests and sequences an engine is running.
+
+A request (Group) asks for n choices; each choice is one Sequence in its own
+slot. The first sequence evaluates the prompt; its siblings wait, then take a
+copy of its KV cache and sample their first token from the same logits."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from schemas.events import ChoiceResult, Done, Usage
+from workers.engine.llama.text import TextAssembler
+from workers.engine.types import EngineRequest
+
+
+@dataclass(eq=False)
+class Group:
+    request: EngineRequest
+    tokens_cached: int = 0
+    choices: dict[int, ChoiceResult] = field(default_factory=dict)
+    n_generated: int = 0
+    started: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    # When the prompt's first chunk went into a batch, and when its logits came.
+    prompt_started: float | None = None
+    prompt_done: float | None = None
+    # Beam search state (workers.engine.llama.beam.BeamState), when beams are searched.
+    beam: Any = None
+
+    @property
+    def n(self) -> int:
+        return self.request.sampling.n
+
+    @property
+    def complete(self) -> bool:
+        return len(self.choices) == self.n
+
+    def result(self) -> Done:
+        now = time.perf_counter()
+        ttft = None if self.first_token_at is None else (self.first_token_at - self.started) * 1000
+        prompt_ms = None
+        if self.prompt_started is not None and self.prompt_done is not None:
+            prompt_ms = (self.prompt_done - self.prompt_started) * 1000
+        return Done(
+            choices=[self.choices[i] for i in sorted(self.choices)],
+            usage=Usage(len(self.request.prompt_tokens), self.n_generated),
+            ttft_ms=ttft,
+            duration_ms=(now - self.started) * 1000,
+            tokens_cached=self.tokens_cached,
+            prompt_ms=prompt_ms,
+        )
+
+
+@dataclass(eq=False)
+class Sequence:
+    group: Group
+    index: int
+    slot: int
+    sampler: Any
+    max_tokens: int
+    text: TextAssembler
+    # Set on siblings until the primary's prompt is in the cache.
+    fork_of: Sequence | None = None
+    n_evaluated: int = 0  # prompt tokens in this slot's KV cache
+    n_generated: int = 0
+    last_token: int = -1
+    logits_index: int = -1
+    logprobs: list[dict[str, Any]] = field(default_factory=list)
+    pending_logprobs: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def request(self) -> EngineRequest:
+        return self.group.request
+
+    @property
+    def prefilling(self) -> bool:
+        return self.fork_of is None and self.n_evaluated < len(self.request.prompt_tokens)
+
+    @property
+    def generating(self) -> bool:
+        return self.fork_of is None and not self.prefilling
+
+    @property
+    def waiting(self) -> bool:
+        return self.fork_of is not None
+
+    @property
+    def position(self) -> int:
+        """Position of the next token to decode."""
+        return self.n_evaluated + max(self.n_generated - 1, 0)
+
+    def finish(self, reason: str, stop_type: str | None = None) -> ChoiceResult:
+        stream = self.request.streams
+        return ChoiceResult(
+            index=self.index,
+            finish_reason=reason,
+            text=None if stream else self.text.text,
+            logprobs=None if stream or self.request.sampling.logprobs is None else self.logprobs,
+            stop_type=stop_type,
+            stopping_word=self.text.stop_word if stop_type == "word" else None,
+            slot=self.slot,
+        )
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def next_admissible(
+    waiting: Iterable[EngineRequest], free_slots: list[int]
+) -> EngineRequest | None:
+    """The next waiting request whose slots are free. One pinned to a busy
+    slot (llama-server's id_slot) waits without holding up those behind it;
+    the others are admitted in order."""
+    for request in waiting:
+        if len(free_slots) < request.sampling.n:
+            if request.id_slot is None:
+                return None
+            continue
+        if request.id_slot is None or request.id_slot in free_slots:
+            return request
+    return None
