@@ -8,6 +8,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
+from fastapi import Request
 
 from api.errors import APIError
 from schemas import keys
@@ -15,6 +16,7 @@ from schemas.heartbeats import read_beats
 from schemas.registry import ModelConfig, Registry
 
 _CACHE_SECONDS = 1.0
+GENERATION = "text generation"
 
 
 @dataclass(frozen=True)
@@ -52,27 +54,33 @@ class Catalog:
         return sorted(set(self.registry.models) | live)
 
     async def require(
-        self,
-        name: str | None,
-        *,
-        authorization: str | None = None,
-        feature: str | None = None,
+        self, name: str | None, *, feature: str, authorization: str | None = None
     ) -> str:
         """The model a request names, or the OpenAI 400/404. As LocalAI does, a
-        request without a model may name one as its bearer token. With a
-        `feature`, a name no model has reaches the one model that serves that
-        feature, when there is exactly one; a model that exists but does not
-        serve it is a 400 `unsupported_model`."""
+        request without a model may name one as its bearer token, and a name
+        no model has reaches the one model that serves `feature`, when there
+        is exactly one; a model that exists but does not serve it is a 400
+        `unsupported_model`."""
         names = await self.names()
         if name is None and authorization and authorization.lower().startswith("bearer "):
             token = authorization[7:].strip()
             if token in names:
                 name = token
-        if feature is None:
-            return pick_model(name, names)
-        model = pick_model(name, names, capable_models(self.registry, names, feature))
-        require_feature(self.registry.models.get(model), model, feature)
-        return model
+        return route_model(name, self.registry, names, feature)
+
+    async def for_request(self, request: Request, name: str | None, feature: str) -> str:
+        """`require` for the model an HTTP request names (or its bearer token)."""
+        authorization = request.headers.get("authorization")
+        return await self.require(name, authorization=authorization, feature=feature)
+
+    async def named_or_default(self, name: str | None, feature: str = GENERATION) -> str:
+        """The model of a llama-server route: llama-server clients name none,
+        so it is `default`; a name no model has reaches the only model serving
+        `feature` (LocalAI's rule). The model's worker answers for what it
+        serves: llama-server has no `unsupported_model`."""
+        if name is None:
+            return await self.default(feature)
+        return route_model(name, self.registry, await self.names(), feature, strict=False)
 
     async def default(self, feature: str) -> str:
         """The model of llama-server's model-less routes: INFERQ_DEFAULT_MODEL
@@ -92,9 +100,6 @@ class Catalog:
         raise APIError(404, f"no model serves {feature}", code="model_not_found", param="model")
 
 
-GENERATION = "text generation"
-
-
 def capable_models(registry: Registry, names: Collection[str], feature: str) -> list[str]:
     """The models among `names` that serve `feature`, in order. A model known
     only from a live worker (no config here) counts as a text-generation model."""
@@ -108,13 +113,20 @@ def capable_models(registry: Registry, names: Collection[str], feature: str) -> 
 
 
 def route_model(
-    name: str | None, registry: Registry, live_models: Collection[str], feature: str
+    name: str | None,
+    registry: Registry,
+    live_models: Collection[str],
+    feature: str,
+    *,
+    strict: bool = True,
 ) -> str:
-    """Catalog.require for callers without a catalog (batch validation): the
-    model `name` reaches on a route serving `feature`, or the 400/404."""
+    """The model `name` reaches on a route serving `feature`, or the 400/404:
+    Catalog.require's rule, for callers without a catalog (batch validation)
+    too. `strict`: a 400 when that model does not serve `feature`."""
     names = sorted(set(registry.models) | set(live_models))
     model = pick_model(name, names, capable_models(registry, names, feature))
-    require_feature(registry.models.get(model), model, feature)
+    if strict:
+        require_feature(registry.models.get(model), model, feature)
     return model
 
 

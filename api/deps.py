@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import Callable
+from typing import Annotated, Any
 
 import redis.asyncio as aioredis
 from celery import Celery
@@ -15,43 +16,23 @@ from api.streaming.jobs import JobRunner
 from schemas.settings import Settings
 
 
-def _settings(request: Request) -> Settings:
-    settings: Settings = request.app.state.settings
-    return settings
+def _state(name: str) -> Callable[[Request], Any]:
+    """What the lifespan keeps in `app.state` under `name` (api/main.py)."""
+
+    def get(request: Request) -> Any:
+        return getattr(request.app.state, name)
+
+    get.__name__ = f"_{name}"
+    return get
 
 
-def _redis(request: Request) -> aioredis.Redis:
-    client: aioredis.Redis = request.app.state.redis
-    return client
-
-
-def _hub(request: Request) -> StreamHub:
-    hub: StreamHub = request.app.state.hub
-    return hub
-
-
-def _catalog(request: Request) -> Catalog:
-    catalog: Catalog = request.app.state.catalog
-    return catalog
-
-
-def _celery(request: Request) -> Celery:
-    app: Celery = request.app.state.celery
-    return app
-
-
-def _db(request: Request) -> Engine:
-    engine: Engine = request.app.state.db
-    return engine
-
-
-SettingsDep = Annotated[Settings, Depends(_settings)]
-RedisDep = Annotated[aioredis.Redis, Depends(_redis)]
-HubDep = Annotated[StreamHub, Depends(_hub)]
-CatalogDep = Annotated[Catalog, Depends(_catalog)]
-CeleryDep = Annotated[Celery, Depends(_celery)]
+SettingsDep = Annotated[Settings, Depends(_state("settings"))]
+RedisDep = Annotated[aioredis.Redis, Depends(_state("redis"))]
+HubDep = Annotated[StreamHub, Depends(_state("hub"))]
+CatalogDep = Annotated[Catalog, Depends(_state("catalog"))]
+CeleryDep = Annotated[Celery, Depends(_state("celery"))]
 # A synchronous SQLAlchemy engine: call it through run_in_threadpool.
-DbDep = Annotated[Engine, Depends(_db)]
+DbDep = Annotated[Engine, Depends(_state("db"))]
 
 
 def _runner(settings: SettingsDep, redis: RedisDep, hub: HubDep, celery: CeleryDep) -> JobRunner:

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from schemas.events import ErrorEvent
-from schemas.events import error_body
+from schemas.events import ErrorEvent, error_body
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +111,17 @@ def describe_validation(errors: list[Any]) -> tuple[str, str | None]:
         msg = err.get("msg", "invalid value")
         parts.append(f"{where}: {msg}" if where else msg)
     return "; ".join(parts) or "invalid request", param
+
+
+@contextlib.contextmanager
+def bad_request() -> Iterator[None]:
+    """Job fields are checked again as the job is built: a value a request
+    schema let through but the job refuses is still a 400, never a 500."""
+    try:
+        yield
+    except ValidationError as exc:
+        message, param = describe_validation(list(exc.errors()))
+        raise APIError(400, message, param=param) from None
 
 
 def install(app: FastAPI) -> None:

@@ -11,20 +11,20 @@ from fastapi.middleware.cors import CORSMiddleware
 from starlette.concurrency import run_in_threadpool
 
 from api import errors, openapi
+from api.batches import router as batches
 from api.batches.scheduler import BatchScheduler
 from api.catalog import Catalog
-from api.streaming.hub import StreamHub, install_redis_errors
-from api.middleware import AnswerPreflight, AssumeJSONBody, LimitBody, parse_origins
-from api.batches import router as batches
 from api.embeddings import router as embeddings
 from api.files import router as files
 from api.generate import router as vgenerate
 from api.llama import apply_template
 from api.llama import props as llama_props
 from api.llama import router as llama_server
+from api.middleware import AnswerPreflight, AssumeJSONBody, LimitBody, parse_origins
 from api.models import health
 from api.models import router as models
 from api.openai import router as generation
+from api.streaming.hub import StreamHub, install_redis_errors
 from api.vocab import VocabCache
 from schemas.db import make_engine
 from schemas.queue import make_celery

@@ -10,7 +10,13 @@ from pathlib import Path
 
 import llama_cpp
 
-from schemas.llama_vocab import init_backend, token_piece, tokenize, tokenize_mixed
+from schemas.llama_vocab import (
+    ModelLoadError,
+    load_model,
+    token_piece,
+    tokenize,
+    tokenize_mixed,
+)
 from schemas.registry import ModelConfig
 
 log = logging.getLogger("inferq.llama")
@@ -25,12 +31,10 @@ class Vocab:
     requests on several threads may share it."""
 
     def __init__(self, path: Path) -> None:
-        init_backend()
-        params = llama_cpp.llama_model_default_params()
-        params.vocab_only = True
-        model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
-        if not model:
-            raise VocabUnavailable(f"llama.cpp could not read the vocabulary of {path}")
+        try:
+            model = load_model(path, vocab_only=True)
+        except ModelLoadError as exc:
+            raise VocabUnavailable(f"llama.cpp could not read the vocabulary of {path}") from exc
         # Kept for the life of the process, like the cache holding it.
         self._model = model
         self._vocab = llama_cpp.llama_model_get_vocab(model)

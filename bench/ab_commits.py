@@ -16,9 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import shlex
-import signal
 import statistics
 import subprocess
 import sys
@@ -30,7 +28,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.loadgen import run_levels
-from bench.run import MODEL_NAME, REPO, free_port, stop, wait_health
+from bench.run import MODEL_NAME, REPO, inferq_config, inferq_home, inferq_up, serve
 from bench.workload import LevelResult
 
 log = logging.getLogger("bench.ab_commits")
@@ -51,32 +49,16 @@ def _worktree(revision: str, into: Path) -> Path:
 def _one_round(
     label: str, tree: Path, work: Path, model: Path, levels: list[int], args: argparse.Namespace
 ) -> list[LevelResult]:
-    home = work / f"{label}-{len(list(work.iterdir()))}"
-    models = home / "models"
-    models.mkdir(parents=True)
-    (models / model.name).symlink_to(model.resolve())
-    (models / f"{MODEL_NAME}.yaml").write_text(
-        f"{{name: {MODEL_NAME}, backend: llama-cpp, parameters: {{model: {model.name}}}, "
-        f"context_size: {args.ctx_per_slot}, parallel: {args.slots}, threads: {args.threads}}}\n"
+    home = inferq_home(
+        work / f"{label}-{len(list(work.iterdir()))}", model, inferq_config(model, args)
     )
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if k not in _ENV_DROP}
     # The tree's own packages come before the installed (editable) ones.
-    env["PYTHONPATH"] = str(tree)
-    env["INFERQ_PORT"] = str(port)
-    cmd = [sys.executable, "-m", "inferq", "up"]
-    log.info("%s: cd %s && PYTHONPATH=%s %s", label, home, tree, shlex.join(cmd))
-    log_path = home / "inferq.log"
-    with log_path.open("wb") as sink:
-        proc = subprocess.Popen(
-            cmd, cwd=home, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_health(url, proc, timeout=300)
+    service = inferq_up(home, home / "inferq.log", drop=_ENV_DROP, PYTHONPATH=str(tree))
+    log.info("%s: cd %s && PYTHONPATH=%s %s", label, home, tree, shlex.join(service.cmd))
+    with serve(service):
         return asyncio.run(
             run_levels(
-                url,
+                service.url,
                 system=label,
                 model=MODEL_NAME,
                 levels=levels,
@@ -84,8 +66,6 @@ def _one_round(
                 min_requests=args.min_requests,
             )
         )
-    finally:
-        stop(proc, signal.SIGINT, timeout=90)
 
 
 def _spread(values: list[float]) -> str:

@@ -37,10 +37,10 @@ import openai
 from bench.run import free_port, stop, wait_health
 from schemas.jobs import Message
 from schemas.registry import load_registry
+from schemas.templates import PromptBuilder
 from workers.engine.llama.engine import LlamaEngine
 from workers.engine.llama.model import ContextOptions, LlamaModel
 from workers.engine.types import EngineRequest, Sampling
-from schemas.templates import PromptBuilder
 
 log = logging.getLogger("bench.batch")
 

@@ -30,7 +30,15 @@ if __package__ in (None, ""):
 import llama_cpp
 
 from bench.sysload import LoadMonitor
-from bench.workload import LEVELS, Job, LevelResult, RequestResult, level_jobs, requests_for
+from bench.workload import (
+    LEVELS,
+    Job,
+    LevelResult,
+    RequestResult,
+    level_plan,
+    log_level,
+    print_levels,
+)
 from schemas.events import TOKEN_PREFIX, Done
 from workers.engine.llama.engine import LlamaEngine
 from workers.engine.llama.model import ContextOptions, LlamaModel
@@ -138,25 +146,12 @@ def run_levels(
     # The same prompt indices, in the same order, as bench.loadgen.run_levels.
     monitor = LoadMonitor(lambda: [os.getpid()])
     out: list[LevelResult] = []
-    offset = 0
-    for concurrency in levels:
-        warmup = level_jobs(concurrency, offset, concurrency)
-        offset += len(warmup)
-        count = requests_for(concurrency, rounds, min_requests)
-        jobs = level_jobs(concurrency, offset, count)
-        offset += count
+    for concurrency, warmup, jobs in level_plan(levels, rounds, min_requests):
         bench.closed_loop(warmup, concurrency)
         with monitor.measure() as load:
             results, wall = bench.closed_loop(jobs, concurrency)
         level = LevelResult("engine", concurrency, wall, results, len(warmup), dict(load))
-        log.info(
-            "engine c=%d: %.1f tok/s, %d tokens in %.2f s, %d errors",
-            concurrency,
-            level.tokens_per_s,
-            level.tokens,
-            wall,
-            level.errors,
-        )
+        log_level(log, level)
         out.append(level)
     return out
 
@@ -191,13 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     payload = json.dumps({"meta": meta, "levels": [r.to_dict() for r in results]}, indent=1)
     if args.json:
         args.json.write_text(payload)
-    for r in results:
-        p50, p99 = r.ttft(50), r.ttft(99)
-        print(
-            f"c={r.concurrency:<3d} {r.tokens_per_s:8.1f} tok/s  "
-            f"ttft p50 {p50 or 0:.3f} s  p99 {p99 or 0:.3f} s  "
-            f"tokens/request {r.mean_tokens():.1f}  errors {r.errors}"
-        )
+    print_levels(results)
     return 0
 
 

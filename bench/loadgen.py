@@ -27,7 +27,15 @@ if __package__ in (None, ""):
     # Run as a file (python bench/loadgen.py): make `bench` importable.
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.workload import LEVELS, Job, LevelResult, RequestResult, level_jobs, requests_for
+from bench.workload import (
+    LEVELS,
+    Job,
+    LevelResult,
+    RequestResult,
+    level_plan,
+    log_level,
+    print_levels,
+)
 
 log = logging.getLogger("bench.loadgen")
 
@@ -163,28 +171,16 @@ async def run_levels(
     limits = httpx.Limits(max_connections=max(levels) + 4, max_keepalive_connections=64)
     timeout = httpx.Timeout(600.0, connect=10.0)
     out: list[LevelResult] = []
-    offset = 0
     async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
-        for concurrency in levels:
-            warmup = level_jobs(concurrency, offset, concurrency)
-            offset += len(warmup)
-            count = requests_for(concurrency, rounds, min_requests)
-            jobs = level_jobs(concurrency, offset, count)
-            offset += count
-            log.info("%s c=%d: warm-up %d, measuring %d", system, concurrency, len(warmup), count)
+        for concurrency, warmup, jobs in level_plan(levels, rounds, min_requests):
+            log.info(
+                "%s c=%d: warm-up %d, measuring %d", system, concurrency, len(warmup), len(jobs)
+            )
             await closed_loop(client, url, warmup, concurrency, model, ignore_eos)
             with probe() if probe else nullcontext({}) as load:
                 results, wall = await closed_loop(client, url, jobs, concurrency, model, ignore_eos)
             level = LevelResult(system, concurrency, wall, results, len(warmup), dict(load))
-            log.info(
-                "%s c=%d: %.1f tok/s, %d tokens in %.2f s, %d errors",
-                system,
-                concurrency,
-                level.tokens_per_s,
-                level.tokens,
-                wall,
-                level.errors,
-            )
+            log_level(log, level)
             out.append(level)
     return out
 
@@ -215,13 +211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if args.json:
         args.json.write_text(json.dumps([r.to_dict() for r in results], indent=1))
-    for r in results:
-        p50, p99 = r.ttft(50), r.ttft(99)
-        print(
-            f"c={r.concurrency:<3d} {r.tokens_per_s:8.1f} tok/s  "
-            f"ttft p50 {p50 or 0:.3f} s  p99 {p99 or 0:.3f} s  "
-            f"tokens/request {r.mean_tokens():.1f}  errors {r.errors}"
-        )
+    print_levels(results)
     return 0
 
 

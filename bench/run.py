@@ -24,7 +24,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -103,6 +104,86 @@ def stop(proc: subprocess.Popen[bytes], sig: signal.Signals, timeout: float) -> 
     proc.wait()
 
 
+@dataclass(frozen=True)
+class Service:
+    """A server under test: how to start it and how to stop it."""
+
+    cmd: list[str]
+    port: int
+    log_path: Path
+    health_timeout: float
+    stop_signal: signal.Signals
+    stop_timeout: float
+    cwd: Path | None = None
+    env: dict[str, str] | None = None
+    # A session of its own, so a SIGINT reaches the supervisor only, as
+    # Ctrl-C in its terminal would.
+    own_session: bool = True
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+@contextmanager
+def serve(service: Service) -> Iterator[tuple[subprocess.Popen[bytes], float]]:
+    """The service's process, once /health answers, and the seconds that
+    took; stopped when the block ends."""
+    with service.log_path.open("wb") as sink:
+        proc = subprocess.Popen(
+            service.cmd,
+            cwd=service.cwd,
+            env=service.env,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=service.own_session,
+        )
+    try:
+        yield proc, wait_health(service.url, proc, timeout=service.health_timeout)
+    finally:
+        stop(proc, service.stop_signal, timeout=service.stop_timeout)
+
+
+def inferq_up(home: Path, log_path: Path, *, drop: Sequence[str], **extra: str) -> Service:
+    """`inferq up` in `home` on a free port, its environment without the
+    variables in `drop` (which would point it at shared services or another
+    tree) and with `extra`; stopped with SIGINT, as Ctrl-C would."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    env.update(extra)
+    env["INFERQ_PORT"] = str(port)
+    return Service(
+        [sys.executable, "-m", "inferq", "up"],
+        port,
+        log_path,
+        health_timeout=300,
+        stop_signal=signal.SIGINT,
+        stop_timeout=90,
+        cwd=home,
+        env=env,
+    )
+
+
+def inferq_home(home: Path, model: Path, config: str) -> Path:
+    """`home` set up for `inferq up`: models/ with a symlink to the GGUF and
+    the model's config (`config`, one line of YAML)."""
+    models = home / "models"
+    models.mkdir(parents=True)
+    (models / model.name).symlink_to(model.resolve())
+    (models / f"{MODEL_NAME}.yaml").write_text(config + "\n")
+    return home
+
+
+def inferq_config(model: Path, args: argparse.Namespace) -> str:
+    """The model's config as one line of YAML flow style, so the report can
+    quote the file as is. No stopwords and no template: the prompt goes to
+    the model as is, as llama-server's /v1/completions sends it."""
+    return (
+        f"{{name: {MODEL_NAME}, backend: llama-cpp, parameters: {{model: {model.name}}}, "
+        f"context_size: {args.ctx_per_slot}, parallel: {args.slots}, threads: {args.threads}}}"
+    )
+
+
 @dataclass
 class Facts:
     """What the runs learned that the report needs."""
@@ -169,56 +250,48 @@ def run_llama_server(args: argparse.Namespace, work: Path, facts: Facts) -> list
     # The report names no path of the machine it ran on.
     shown = ["llama-server", "-m", f"models/{Path(args.model).name}", *cmd[3:-1], "<port>"]
     facts.llama_server_cmd = shlex.join(shown)
-    log_path = work / "llama-server.log"
-    with log_path.open("wb") as sink:
-        proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        took = wait_health(url, proc, timeout=180)
-        log.info("(b) healthy after %.1f s", took)
-        monitor = LoadMonitor(lambda: [proc.pid], loadgen_pid=os.getpid())
-        return asyncio.run(_levels(args, url, "llama-server", monitor))
-    finally:
-        stop(proc, signal.SIGTERM, timeout=30)
-        if problems := _problems(log_path):
-            facts.notes.append(f"(b): {problems} error lines in llama-server's log")
+    service = Service(
+        cmd,
+        port,
+        work / "llama-server.log",
+        health_timeout=180,
+        stop_signal=signal.SIGTERM,
+        stop_timeout=30,
+        own_session=False,
+    )
+    return _measure(
+        args, facts, "(b)", "llama-server", service, "error lines in llama-server's log"
+    )
 
 
 def run_inferq(args: argparse.Namespace, work: Path, facts: Facts) -> list[LevelResult]:
-    home = work / "inferq"
-    models = home / "models"
-    models.mkdir(parents=True)
-    (models / args.model.name).symlink_to(args.model.resolve())
-    # No stopwords and no template: the prompt goes to the model as is, as
-    # llama-server's /v1/completions sends it.
-    # One line of YAML flow style, so the report can quote the file as is.
-    facts.inferq_config = (
-        f"{{name: {MODEL_NAME}, backend: llama-cpp, parameters: {{model: {args.model.name}}}, "
-        f"context_size: {args.ctx_per_slot}, parallel: {args.slots}, threads: {args.threads}}}"
+    facts.inferq_config = inferq_config(args.model, args)
+    home = inferq_home(work / "inferq", args.model, facts.inferq_config)
+    service = inferq_up(home, work / "inferq.log", drop=_INFERQ_ENV_DROP)
+    log.info("(c) cd %s && INFERQ_PORT=%d %s", home, service.port, shlex.join(service.cmd))
+    return _measure(
+        args, facts, "(c)", "inferq", service, "error/traceback lines in the `inferq up` log"
     )
-    (models / f"{MODEL_NAME}.yaml").write_text(facts.inferq_config + "\n")
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if k not in _INFERQ_ENV_DROP}
-    env["INFERQ_PORT"] = str(port)
-    cmd = [sys.executable, "-m", "inferq", "up"]
-    log.info("(c) cd %s && INFERQ_PORT=%d %s", home, port, shlex.join(cmd))
-    log_path = work / "inferq.log"
-    with log_path.open("wb") as sink:
-        # A session of its own, so the SIGINT below reaches the supervisor only,
-        # as Ctrl-C in its terminal would.
-        proc = subprocess.Popen(
-            cmd, cwd=home, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    url = f"http://127.0.0.1:{port}"
+
+
+def _measure(
+    args: argparse.Namespace,
+    facts: Facts,
+    label: str,
+    system: str,
+    service: Service,
+    complaint: str,
+) -> list[LevelResult]:
+    """Every level against the service, with its load measured; a note for
+    the report if its log shows errors."""
     try:
-        took = wait_health(url, proc, timeout=300)
-        log.info("(c) healthy after %.1f s", took)
-        monitor = LoadMonitor(lambda: [proc.pid], loadgen_pid=os.getpid())
-        return asyncio.run(_levels(args, url, "inferq", monitor))
+        with serve(service) as (proc, took):
+            log.info("%s healthy after %.1f s", label, took)
+            monitor = LoadMonitor(lambda: [proc.pid], loadgen_pid=os.getpid())
+            return asyncio.run(_levels(args, service.url, system, monitor))
     finally:
-        stop(proc, signal.SIGINT, timeout=90)
-        if problems := _problems(log_path):
-            facts.notes.append(f"(c): {problems} error/traceback lines in the `inferq up` log")
+        if problems := _problems(service.log_path):
+            facts.notes.append(f"{label}: {problems} {complaint}")
 
 
 async def _levels(

@@ -5,9 +5,10 @@ the numbers differ only by the serving stack."""
 
 from __future__ import annotations
 
+import logging
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -86,6 +87,22 @@ def requests_for(concurrency: int, rounds: int, min_requests: int) -> int:
     return max(rounds * concurrency, min_requests)
 
 
+def level_plan(
+    levels: Sequence[int], rounds: int, min_requests: int
+) -> Iterator[tuple[int, list[Job], list[Job]]]:
+    """Each level's concurrency, warm-up round and measured jobs, in turn.
+    Prompt indices never repeat within a run, and two runs with the same
+    arguments send identical prompts and seeds."""
+    offset = 0
+    for concurrency in levels:
+        warmup = level_jobs(concurrency, offset, concurrency)
+        offset += len(warmup)
+        count = requests_for(concurrency, rounds, min_requests)
+        jobs = level_jobs(concurrency, offset, count)
+        offset += count
+        yield concurrency, warmup, jobs
+
+
 @dataclass
 class RequestResult:
     index: int
@@ -149,6 +166,29 @@ class LevelResult:
             requests=requests,
             warmup_requests=data["warmup_requests"],
             load=data.get("load", {}),
+        )
+
+
+def log_level(logger: logging.Logger, level: LevelResult) -> None:
+    logger.info(
+        "%s c=%d: %.1f tok/s, %d tokens in %.2f s, %d errors",
+        level.system,
+        level.concurrency,
+        level.tokens_per_s,
+        level.tokens,
+        level.wall_s,
+        level.errors,
+    )
+
+
+def print_levels(results: Sequence[LevelResult]) -> None:
+    """One summary line per level on stdout: the command's own output."""
+    for r in results:
+        p50, p99 = r.ttft(50), r.ttft(99)
+        print(
+            f"c={r.concurrency:<3d} {r.tokens_per_s:8.1f} tok/s  "
+            f"ttft p50 {p50 or 0:.3f} s  p99 {p99 or 0:.3f} s  "
+            f"tokens/request {r.mean_tokens():.1f}  errors {r.errors}"
         )
 
 

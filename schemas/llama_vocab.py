@@ -7,6 +7,7 @@ import ctypes
 import logging
 import threading
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import llama_cpp
@@ -36,6 +37,26 @@ def init_backend() -> None:
             llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
             llama_cpp.llama_backend_init()
             _ready = True
+
+
+class ModelLoadError(RuntimeError):
+    """llama.cpp could not read a model file."""
+
+
+def load_model(path: Path, *, gpu_layers: int | None = None, vocab_only: bool = False) -> Any:
+    """The llama_model of `path` (the backend initialised first), which the
+    caller frees with llama_model_free. `vocab_only`: the vocabulary alone, no
+    weights (the API's /tokenize); `gpu_layers` -1 offloads every layer, as
+    llama.cpp's -ngl 999; None keeps llama.cpp's default."""
+    init_backend()
+    params = llama_cpp.llama_model_default_params()
+    params.vocab_only = vocab_only
+    if gpu_layers is not None:
+        params.n_gpu_layers = 999 if gpu_layers < 0 else gpu_layers
+    model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+    if not model:
+        raise ModelLoadError(f"llama.cpp could not load {path}")
+    return model
 
 
 def tokenize(vocab: Any, text: str, *, add_special: bool, parse_special: bool) -> list[int]:

@@ -8,6 +8,8 @@ and reconnect by themselves on the next call once Redis is back."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import redis
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry as AsyncRetry
@@ -30,21 +32,20 @@ def _backoff() -> ExponentialWithJitterBackoff:
     return ExponentialWithJitterBackoff(base=0.05, cap=0.5)
 
 
+def _options(settings: Settings) -> dict[str, Any]:
+    """What both clients share: bounded waits and the health check."""
+    return {
+        "socket_timeout": settings.redis_timeout,
+        "socket_connect_timeout": settings.redis_timeout,
+        "health_check_interval": _HEALTH_CHECK,
+    }
+
+
 def sync_client(settings: Settings) -> redis.Redis:
-    return redis.Redis.from_url(
-        settings.redis_url,
-        socket_timeout=settings.redis_timeout,
-        socket_connect_timeout=settings.redis_timeout,
-        retry=Retry(_backoff(), _RETRIES, supported_errors=_RETRY_ON),
-        health_check_interval=_HEALTH_CHECK,
-    )
+    retry = Retry(_backoff(), _RETRIES, supported_errors=_RETRY_ON)
+    return redis.Redis.from_url(settings.redis_url, retry=retry, **_options(settings))
 
 
 def async_client(settings: Settings) -> aioredis.Redis:
-    return aioredis.Redis.from_url(
-        settings.redis_url,
-        socket_timeout=settings.redis_timeout,
-        socket_connect_timeout=settings.redis_timeout,
-        retry=AsyncRetry(_backoff(), _RETRIES, supported_errors=_RETRY_ON),
-        health_check_interval=_HEALTH_CHECK,
-    )
+    retry = AsyncRetry(_backoff(), _RETRIES, supported_errors=_RETRY_ON)
+    return aioredis.Redis.from_url(settings.redis_url, retry=retry, **_options(settings))

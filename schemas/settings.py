@@ -64,7 +64,7 @@ class Settings(BaseSettings):
     props_writable: bool = False
     # Files API: the largest upload accepted (OpenAI's limit for batch input).
     max_file_bytes: int = Field(default=200 * 1024 * 1024, gt=0)
-    # The API edge (api/middleware.py, api/openai/requests.py,
+    # The API edge (api/middleware.py, api/streaming/limits.py,
     # api/streaming/backpressure.py). The largest request body (file uploads
     # have max_file_bytes); 413 past it.
     max_body_bytes: int = Field(default=16 * 1024 * 1024, gt=0)

@@ -7,16 +7,15 @@ from __future__ import annotations
 
 import logging
 import os
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
-from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 from schemas.settings import normalize_database_url
+from tests.support.deploy import other_redis_db, scratch_database
 from tests.support.servers import start_postgres, start_redis
 from tests.support.stack import stack
 from tests.support.tinymodel import write_tiny_llama
@@ -44,11 +43,7 @@ def redis_url() -> Iterator[str]:
 def other_redis_url(redis_url: str) -> str:
     """Another database of the same Redis: queues there are invisible to the
     workers the session-wide stack runs (pub/sub is shared, request ids are not)."""
-    client = redis.Redis.from_url(redis_url)
-    db = (int(client.connection_pool.connection_kwargs.get("db", 0)) + 1) % 16
-    url = redis_url.rsplit("/", 1)[0] + f"/{db}"
-    redis.Redis.from_url(url).flushdb()
-    return url
+    return other_redis_db(redis_url, 1)
 
 
 @pytest.fixture(scope="session")
@@ -70,16 +65,8 @@ def pg_server_url() -> Iterator[str]:
 @pytest.fixture
 def pg_url(pg_server_url: str) -> Iterator[str]:
     """A fresh, empty Postgres database for one test, dropped afterwards."""
-    name = f"inferq_test_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(pg_server_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield make_url(pg_server_url).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+    with scratch_database(pg_server_url, "inferq_test") as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

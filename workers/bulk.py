@@ -21,22 +21,20 @@ import queue
 import threading
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import timedelta
 from typing import Any
 
 import orjson
-from sqlalchemy import Engine, bindparam, select, tuple_, update
+from sqlalchemy import Engine
 from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as SATimeoutError
 
+from schemas import batch_lines
 from schemas import batches as b
 from schemas.events import Done, Embeddings, ErrorEvent
 from schemas.jobs import EmbedJob, GenerateJob
-from schemas.tables import BATCH_LINES as LINES
 from schemas.tables import utcnow
 from workers.embed import EmbedRuntime, InputError, build_inputs, make_answer
-from workers.engine.llama.embedding import EmbedRequest
-from workers.engine.types import BULK, EngineRequest
+from workers.engine.types import BULK, EmbedRequest, EngineRequest
 from workers.generate import Rejected, WorkerRuntime, prepare
 from workers.usage import insert_usage
 
@@ -118,19 +116,9 @@ class BulkRunner:
 
     def run_chunk(self, chunk: str) -> int:
         """Claim the chunk's queued lines and start them; returns how many."""
-        claim = (
-            update(LINES)
-            .where(LINES.c.chunk == chunk, LINES.c.state == b.QUEUED)
-            .values(
-                state=b.RUNNING,
-                worker=self.worker_id,
-                lease_until=utcnow() + timedelta(seconds=self.lease),
-                attempts=LINES.c.attempts + 1,
-            )
-            .returning(LINES.c.batch_id, LINES.c.line, LINES.c.job)
+        rows = batch_lines.claim_lines(
+            self.db, chunk=chunk, worker=self.worker_id, lease=self.lease
         )
-        with self.db.begin() as conn:
-            rows = conn.execute(claim).all()
         for batch_id, line, job in sorted(rows, key=lambda r: (r[0], r[1])):
             held = Held(batch_id, line, chunk, endpoint="")
             with self._lock:
@@ -147,9 +135,11 @@ class BulkRunner:
         finish and keep their results."""
         with self._lock:
             held = [h for (bid, _), h in self._held.items() if bid == batch_id]
+        if self.runtime is None:  # no generation engine: embedding inputs run as handed over
+            return
         for h in held:
             if isinstance(h.request, EngineRequest) and not h.request.admitted:
-                h.request.cancel()
+                self.runtime.engine.cancel(h.request)
 
     def close(self, timeout: float = 10.0) -> None:
         self._stop.set()
@@ -329,44 +319,11 @@ class BulkRunner:
         for outcome in outcomes:
             self._shape(outcome)
         now = utcnow()
-        finish = (
-            update(LINES)
-            .where(
-                LINES.c.batch_id == bindparam("b_batch"),
-                LINES.c.line == bindparam("b_line"),
-                LINES.c.chunk == bindparam("b_chunk"),
-                LINES.c.state == b.RUNNING,
-            )
-            .values(
-                state=bindparam("b_state"),
-                result=bindparam("b_result"),
-                finished_at=bindparam("b_finished"),
-                chunk=bindparam("b_new_chunk"),
-                lease_until=None,
-                # A line handed back on shutdown was not lost: that run does
-                # not count against its attempts.
-                attempts=LINES.c.attempts - bindparam("b_undo"),
-            )
-        )
-        rows = []
+        results = []
         usage = []
         for o in outcomes:
             h = o.held
-            final = o.state != b.PENDING
-            rows.append(
-                {
-                    "b_batch": h.batch_id,
-                    "b_line": h.line,
-                    "b_chunk": h.chunk,
-                    "b_state": o.state,
-                    "b_result": o.result,
-                    "b_finished": now if final else None,
-                    # A line put back loses its chunk, so a stale message for
-                    # that chunk finds nothing to claim.
-                    "b_new_chunk": h.chunk if final else None,
-                    "b_undo": 0 if final else 1,
-                }
-            )
+            results.append(batch_lines.Result(h.batch_id, h.line, h.chunk, o.state, o.result))
             if o.state in (b.DONE, b.FAILED):
                 usage.append(
                     {
@@ -384,25 +341,10 @@ class BulkRunner:
                     }
                 )
         with self.db.begin() as conn:
-            # Lock the lines this worker still holds under these chunks; one
-            # whose lease lapsed and went to another worker is not ours to
-            # finish, and neither is its usage row (written with the result,
-            # in this transaction, so each line result is accounted once).
-            held = [(o.held.batch_id, o.held.line, o.held.chunk) for o in outcomes]
-            owned = {
-                (r[0], r[1])
-                for r in conn.execute(
-                    select(LINES.c.batch_id, LINES.c.line)
-                    .where(
-                        tuple_(LINES.c.batch_id, LINES.c.line, LINES.c.chunk).in_(held),
-                        LINES.c.state == b.RUNNING,
-                    )
-                    .with_for_update()
-                )
-            }
-            rows = [r for r in rows if (r["b_batch"], r["b_line"]) in owned]
-            if rows:
-                conn.execute(finish, rows)
+            # Only the lines this worker still holds are written, and only
+            # their usage rows: written with the result, in this transaction,
+            # so each line result is accounted once.
+            owned = batch_lines.write_results(conn, results=results, now=now)
             insert_usage(conn, [u for u in usage if u.pop("_key") in owned])
         with self._lock:
             for o in outcomes:
@@ -415,12 +357,7 @@ class BulkRunner:
             if not self._held:
                 return True
         try:
-            with self.db.begin() as conn:
-                conn.execute(
-                    update(LINES)
-                    .where(LINES.c.worker == self.worker_id, LINES.c.state == b.RUNNING)
-                    .values(lease_until=utcnow() + timedelta(seconds=self.lease))
-                )
+            batch_lines.renew_leases(self.db, worker=self.worker_id, lease=self.lease)
         except Exception as exc:
             log.warning("renewing bulk leases failed: %s", exc)
             return False

@@ -5,23 +5,20 @@ vectors or scores, account. Plain functions; Celery only calls them."""
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from typing import Any
 
 import redis
-from pydantic import ValidationError
 from sqlalchemy import Engine
 
-from schemas import keys
-from schemas.events import Accepted, Embeddings, ErrorEvent, encode
+from schemas.events import Accepted, Embeddings, ErrorEvent
 from schemas.jobs import EmbedJob
 from schemas.registry import ModelConfig
 from schemas.settings import get_settings
-from workers.engine.llama.embedding import EmbeddingEngine, EmbedRequest, cosine
-from workers.presence import claim
-from workers.sink import reject_payload, report_failure
-from workers.usage import record_usage
+from workers.engine.interface import Embedder
+from workers.engine.types import EmbedRequest, cosine
+from workers.job import Claim, accounting, claim_job, publish, run_job
+from workers.sink import bad_request
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +26,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class EmbedRuntime:
     config: ModelConfig
-    engine: EmbeddingEngine
+    engine: Embedder
     redis: redis.Redis
     db: Engine
     worker_id: str = ""
@@ -107,31 +104,18 @@ _SECONDS_PER_TOKEN = 0.05
 
 
 def run_embed(runtime: EmbedRuntime, payload: dict[str, Any]) -> None:
-    try:
-        job = EmbedJob.model_validate(payload)
-    except ValidationError as exc:
-        reject_payload(runtime.redis, payload, exc)
-        return
-    try:
+    def work(job: EmbedJob) -> None:
         _run_embed(runtime, job)
-    except Exception as exc:
-        # After Accepted the API waits on this worker, not on a timeout: every
-        # failure must reach the client.
-        log.exception("embedding job %s failed", job.request_id)
-        report_failure(runtime.redis, job.request_id, f"embedding failed: {exc}")
-        raise
+
+    run_job(
+        runtime, payload, EmbedJob, work, log=log, label="embedding job", failure="embedding failed"
+    )
 
 
 def _run_embed(runtime: EmbedRuntime, job: EmbedJob) -> None:
-    started = time.perf_counter()
-    channel = keys.stream_channel(job.request_id)
-    cancelled, first = claim(
-        runtime.redis,
-        job.request_id,
-        runtime.worker_id,
-        request_timeout=get_settings().request_timeout,
-    )
-    if cancelled is not None or not first:
+    endpoint = "rerank" if job.kind == "rerank" else "embeddings"
+    usage = accounting(runtime, request_id=job.request_id, endpoint=endpoint)
+    if claim_job(runtime, job.request_id) is not Claim.RUN:
         # The client left, the API queued the job again under another id, or
         # a copy of it already ran (a redelivered message).
         log.info("dropping embedding job %s: cancelled or started already", job.request_id)
@@ -139,19 +123,12 @@ def _run_embed(runtime: EmbedRuntime, job: EmbedJob) -> None:
     try:
         inputs, pairs = build_inputs(runtime, job)
     except InputError as exc:
-        event = ErrorEvent(
-            message=str(exc),
-            error_type="invalid_request_error",
-            code="invalid_request_error",
-            status=400,
-            param=exc.param,
-        )
-        runtime.redis.publish(channel, encode(event))
+        publish(runtime, job.request_id, bad_request(str(exc), param=exc.param))
         return
     prompt_tokens = sum(len(t) for t in inputs)
     # The API follows this worker's heartbeat from here on.
     accepted = Accepted(prompt_tokens=prompt_tokens, worker_id=runtime.worker_id)
-    runtime.redis.publish(channel, encode(accepted))
+    publish(runtime, job.request_id, accepted)
     request = EmbedRequest(inputs, normalize=job.normalize)
     runtime.engine.submit(request)
     budget = get_settings().request_timeout + _SECONDS_PER_TOKEN * prompt_tokens
@@ -163,22 +140,11 @@ def _run_embed(runtime: EmbedRuntime, job: EmbedJob) -> None:
             code="timeout",
             status=504,
         )
-        runtime.redis.publish(channel, encode(event))
+        publish(runtime, job.request_id, event)
         return
     if request.error:
-        runtime.redis.publish(channel, encode(ErrorEvent(message=request.error)))
+        publish(runtime, job.request_id, ErrorEvent(message=request.error))
         return
     answer = make_answer(job, request, inputs, pairs)
-    runtime.redis.publish(channel, encode(answer))
-    record_usage(
-        runtime.db,
-        request_id=job.request_id,
-        model=runtime.config.name,
-        endpoint="rerank" if job.kind == "rerank" else "embeddings",
-        prompt_tokens=answer.prompt_tokens,
-        completion_tokens=0,
-        ttft_ms=None,
-        duration_ms=(time.perf_counter() - started) * 1000,
-        status="completed",
-        worker=runtime.worker_id,
-    )
+    publish(runtime, job.request_id, answer)
+    usage("completed", answer.prompt_tokens, 0, None)

@@ -1,6 +1,8 @@
 """llama-server's /completion and /infill on the worker: prompts given as
 strings and token ids (evaluated verbatim, no template), the fill-in-the-middle
-layout, and the settings llama-server reports (`generation_settings`, /props)."""
+layout, and the settings llama-server reports (`generation_settings`, /props).
+Only llama-server jobs come here: `shapers` is their entry in
+WorkerRuntime.shapers, which workers.main wires."""
 
 from __future__ import annotations
 
@@ -17,15 +19,16 @@ import redis
 
 from schemas import keys
 from schemas.events import Accepted
-from schemas.jobs import GenerateJob, InfillInput
-from schemas.sampling import DEFAULT_SAMPLERS
+from schemas.jobs import LLAMA_ENDPOINTS, GenerateJob, InfillInput
 from schemas.llama_vocab import tokenize_mixed
 from schemas.registry import ModelConfig
+from schemas.sampling import DEFAULT_SAMPLERS
+from workers.engine.interface import InvalidRequest
 from workers.engine.llama.engine import LlamaEngine
 from workers.engine.llama.model import LlamaModel
-from workers.engine.types import Sampling
 from workers.engine.llama.options import resolve_sampling
-from schemas.templates import PromptError
+from workers.engine.types import Sampling
+from workers.prompts import PromptShaper
 
 log = logging.getLogger(__name__)
 
@@ -34,15 +37,13 @@ log = logging.getLogger(__name__)
 _CHUNK_SEPARATOR = "\n\n--- snippet ---\n\n"
 
 
-class LlamaPromptError(PromptError):
+class LlamaPromptError(InvalidRequest):
     """A /completion or /infill request the worker cannot run (a 400)."""
 
     def __init__(
         self, message: str, *, param: str | None = "prompt", code: str = "invalid_request_error"
     ) -> None:
-        super().__init__(message)
-        self.param = param
-        self.code = code
+        super().__init__(message, param=param, code=code)
 
 
 def mixed_tokens(
@@ -166,9 +167,11 @@ def detokenize(model: LlamaModel, tokens: list[int]) -> str:
 
 
 def generation_settings(sampling: Sampling, *, n_ctx: int, model: str) -> dict[str, Any]:
-    """llama-server's `generation_settings`: what this request runs with. The
-    samplers inferq does not implement (dry, xtc, top_n_sigma, dynamic
-    temperature) are reported with llama-server's defaults, which turn them off."""
+    """The resolved Sampling mapped back to llama-server's reporting format,
+    `generation_settings`: what this request runs with, under llama-server's
+    names and in its key order. The samplers inferq does not implement (dry,
+    xtc, top_n_sigma, dynamic temperature) are reported with llama-server's
+    defaults, which turn them off."""
     n_predict = -1 if sampling.max_tokens is None else sampling.max_tokens
     return {
         "n_ctx": n_ctx,
@@ -220,6 +223,26 @@ def accepted(
     prompt = detokenize(engine.model, tokens)
     settings = generation_settings(sampling, n_ctx=engine.n_ctx_per_slot, model=job.model)
     return Accepted(prompt_tokens=len(tokens), settings=settings, prompt=prompt)
+
+
+class LlamaServerShaper:
+    """The PromptShaper of /completion and /infill: the prompt evaluated as
+    given, and an Accepted event with the settings and the prompt as evaluated."""
+
+    def __init__(self, engine: LlamaEngine) -> None:
+        self.engine = engine
+
+    def tokens(self, job: GenerateJob) -> list[int]:
+        return llama_tokens(self.engine, job)
+
+    def accepted(self, job: GenerateJob, sampling: Sampling, tokens: list[int]) -> Accepted:
+        return accepted(self.engine, job, sampling, tokens)
+
+
+def shapers(engine: LlamaEngine) -> dict[str, PromptShaper]:
+    """The shaper of every llama-server endpoint (WorkerRuntime.shapers)."""
+    shaper = LlamaServerShaper(engine)
+    return dict.fromkeys(LLAMA_ENDPOINTS, shaper)
 
 
 def publish_props(

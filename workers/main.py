@@ -1,4 +1,8 @@
-"""`inferq worker`: load one model, then consume its Celery queue."""
+"""`inferq worker`: load one model, then consume its Celery queue.
+
+The one place that builds the llama.cpp engines: everything it hands them to
+(workers.generate, workers.embed, workers.bulk) sees only the interfaces of
+workers.engine.interface."""
 
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ if TYPE_CHECKING:
     import redis
     from sqlalchemy import Engine
 
+    from workers.engine.llama.engine import LlamaEngine
     from workers.engine.types import EngineRequest
     from workers.generate import WorkerRuntime
     from workers.sink import RedisSink
@@ -62,17 +67,17 @@ def run_worker(model_name: str, *, gpu: int | None = None) -> int:
 
     def stop_orphan(request_id: str) -> None:
         # Nobody listens to this request any more: stop it at the next step.
+        # (Requests only run once the runtime below exists.)
         request = running.get(request_id)
-        if request is not None and not request.cancelled:
+        if request is not None and not request.cancelled and runtime is not None:
             log.info("request %s has no listener left; stopping it", request_id)
-            request.cancel()
+            runtime.engine.cancel(request)
 
     sink = RedisSink(client, on_orphan=stop_orphan)
-    runtime = (
-        _generation_runtime(config, path, client, db, worker_id, sink, running)
-        if config.generates
-        else None
-    )
+    llama: LlamaEngine | None = None
+    runtime: WorkerRuntime | None = None
+    if config.generates:
+        runtime, llama = _generation_runtime(config, path, client, db, worker_id, sink, running)
     embed_runtime = None
     if config.embeddings or config.reranking:
         from workers.embed import EmbedRuntime
@@ -103,9 +108,9 @@ def run_worker(model_name: str, *, gpu: int | None = None) -> int:
     register(app, runtime, embed_runtime, bulk, model=config.name)
 
     def announce() -> None:
-        if runtime is not None:
+        if llama is not None:
             # What llama-server's GET /props reports, for the API to read.
-            publish_props(client, config, runtime.engine, settings.models_dir)
+            publish_props(client, config, llama, settings.models_dir)
 
     announce()
 
@@ -114,8 +119,8 @@ def run_worker(model_name: str, *, gpu: int | None = None) -> int:
             bulk.cancel_batch(request_id.removeprefix(keys.BATCH_CANCEL_PREFIX))
             return
         request = runtime.running.get(request_id) if runtime is not None else None
-        if request is not None:
-            request.cancel()
+        if request is not None and runtime is not None:
+            runtime.engine.cancel(request)
 
     listener = CancelListener(client, model=config.name, on_cancel=cancel)
     listener.start()
@@ -183,11 +188,14 @@ def _generation_runtime(
     worker_id: str,
     sink: RedisSink,
     running: dict[str, EngineRequest],
-) -> WorkerRuntime:
+) -> tuple[WorkerRuntime, LlamaEngine]:
+    """The generation runtime on a llama.cpp engine, and that engine (for
+    what only llama.cpp models announce: llama-server's /props)."""
+    from schemas.templates import PromptBuilder
     from workers.engine.llama.engine import LlamaEngine
     from workers.engine.llama.model import ContextOptions, LlamaModel
     from workers.generate import WorkerRuntime
-    from schemas.templates import PromptBuilder
+    from workers.llama_server import shapers
 
     log.info("loading %s from %s", config.name, path)
     model = LlamaModel(
@@ -206,12 +214,7 @@ def _generation_runtime(
         bos_token=model.bos_text,
         eos_token=model.eos_text,
     )
-    return WorkerRuntime(
-        config=config,
-        engine=LlamaEngine(model, sink),
-        prompts=prompts,
-        redis=client,
-        db=db,
-        running=running,
-        worker_id=worker_id,
-    )
+    engine = LlamaEngine(model, sink)
+    # llama-server's endpoints shape their prompts themselves.
+    table = shapers(engine)
+    return WorkerRuntime(config, engine, prompts, client, db, running, worker_id, table), engine

@@ -85,6 +85,15 @@ class RedisSink:
                 log.exception("stopping orphaned request %s failed", request_id)
 
 
+def bad_request(
+    message: str, *, param: str | None = None, code: str = "invalid_request_error"
+) -> ErrorEvent:
+    """The 400 refusing a job, naming the request field at fault."""
+    return ErrorEvent(
+        message=message, error_type="invalid_request_error", code=code, status=400, param=param
+    )
+
+
 def reject_payload(client: redis.Redis, payload: dict[str, object], error: Exception) -> None:
     """A job payload this worker cannot read (from another API version, or a
     value the job model refuses): its client hears a 400 instead of waiting
@@ -93,12 +102,7 @@ def reject_payload(client: redis.Redis, payload: dict[str, object], error: Excep
     log.warning("job %r has an invalid payload: %s", request_id, error)
     if not isinstance(request_id, str):
         return
-    event = ErrorEvent(
-        message=f"the job could not be read: {error}",
-        error_type="invalid_request_error",
-        code="invalid_request_error",
-        status=400,
-    )
+    event = bad_request(f"the job could not be read: {error}")
     try:
         client.publish(keys.stream_channel(request_id), encode(event))
     except redis.RedisError as exc:

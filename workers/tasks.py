@@ -8,7 +8,8 @@ import redis
 from celery import Celery
 
 from schemas import keys
-from schemas.events import ErrorEvent, encode
+from schemas.events import encode
+from workers.sink import bad_request
 
 if TYPE_CHECKING:
     from workers.bulk import BulkRunner
@@ -17,13 +18,7 @@ if TYPE_CHECKING:
 
 
 def _reject(client: redis.Redis, payload: dict[str, Any], message: str) -> None:
-    event = ErrorEvent(
-        message=message,
-        error_type="invalid_request_error",
-        code="unsupported_model",
-        status=400,
-        param="model",
-    )
+    event = bad_request(message, code="unsupported_model", param="model")
     client.publish(keys.stream_channel(str(payload.get("request_id", ""))), encode(event))
 
 

@@ -9,16 +9,15 @@ from datetime import datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine
 
+from api.embeddings.bodies import embedding_body, rerank_body
 from api.files import store as files_store
 from api.openai import bodies
-from api.embeddings.bodies import embedding_body, rerank_body
+from schemas import batch_line_reads
 from schemas import batches as b
-from schemas.events import Done, Embeddings, ErrorEvent, decode
+from schemas.events import Done, Embeddings, ErrorEvent, decode, error_body
 from schemas.jobs import EmbedJob, GenerateJob
-from schemas.events import error_body
-from schemas.tables import BATCH_LINES as LINES
 
 log = logging.getLogger("inferq.batches")
 
@@ -40,23 +39,9 @@ def _rows(
     while True:
         if keepalive is not None:
             keepalive()
-        query = (
-            select(
-                LINES.c.line,
-                LINES.c.custom_id,
-                LINES.c.request_id,
-                LINES.c.model,
-                LINES.c.job,
-                LINES.c.state,
-                LINES.c.result,
-                LINES.c.finished_at,
-            )
-            .where(LINES.c.batch_id == batch_id, LINES.c.line > last, LINES.c.state.in_(states))
-            .order_by(LINES.c.line)
-            .limit(PAGE)
+        page = batch_line_reads.result_page(
+            db, batch_id=batch_id, states=states, after=last, limit=PAGE
         )
-        with db.connect() as conn:
-            page = conn.execute(query).all()
         yield from page
         if len(page) < PAGE:
             return

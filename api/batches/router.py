@@ -8,14 +8,13 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request
 from starlette.concurrency import run_in_threadpool
 
-from api.files import store as files_store
-from api.batches import store
+from api.batches import protocol, store
 from api.deps import DbDep, RedisDep
 from api.errors import APIError
+from api.files import store as files_store
 from api.routing import StrictJSONRoute
-from api.batches import protocol
+from schemas import batch_line_reads, keys
 from schemas import batches as b
-from schemas import keys
 
 router = APIRouter(tags=["batches"], route_class=StrictJSONRoute)
 
@@ -35,7 +34,9 @@ def _object(db: DbDep, batch_id: str) -> protocol.BatchObject:
 
 
 @router.post("/v1/batches", response_model=protocol.BatchObject)
-async def create_batch(body: protocol.BatchCreate, request: Request, db: DbDep) -> protocol.BatchObject:
+async def create_batch(
+    body: protocol.BatchCreate, request: Request, db: DbDep
+) -> protocol.BatchObject:
     file = await run_in_threadpool(files_store.get_file, db, file_id=body.input_file_id)
     if file is None:
         raise APIError(
@@ -96,7 +97,7 @@ async def cancel_batch(
             code="batch_not_cancellable",
         )
     # Workers drop the lines they hold that have not started.
-    models = await run_in_threadpool(store.batch_models, db, batch_id=batch_id)
+    models = await run_in_threadpool(batch_line_reads.batch_models, db, batch_id=batch_id)
     for model in models:
         await redis.publish(keys.cancel_channel(model), keys.batch_cancel_message(batch_id))
     _wake(request)

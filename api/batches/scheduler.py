@@ -29,18 +29,18 @@ from typing import Any
 
 import redis
 from celery import Celery
-from sqlalchemy import Engine, func, select, update
+from sqlalchemy import Engine, select
 from sqlalchemy import exc as sa_exc
 
-from api.files import store as files_store
 from api.batches import feeding, output, store
 from api.batches.leader import Leadership, NotLeader
-from api.batches.validate import Line, LineReader, parse, reported, split_lines
+from api.batches.validate import LineReader, parse, reported, split_lines
+from api.files import store as files_store
+from schemas import batch_line_reads, batch_lines, keys
 from schemas import batches as b
-from schemas import keys
+from schemas.batch_lines import Line
 from schemas.registry import Registry
 from schemas.settings import Settings
-from schemas.tables import BATCH_LINES as LINES
 from schemas.tables import BATCHES, aware, utcnow
 
 log = logging.getLogger("inferq.batches")
@@ -208,14 +208,7 @@ class BatchScheduler:
         store.set_status(self.db, batch_id=batch_id, status=status, fence=self.lead.check, **fields)
 
     def _live(self, batch_id: str) -> int:
-        with self.db.connect() as conn:
-            return int(
-                conn.execute(
-                    select(func.count()).where(
-                        LINES.c.batch_id == batch_id, LINES.c.state.in_(b.LIVE_STATES)
-                    )
-                ).scalar_one()
-            )
+        return batch_line_reads.live_count(self.db, batch_id=batch_id)
 
     def _validate(self, batch_id: str) -> None:
         record = store.get_batch(self.db, batch_id=batch_id)
@@ -265,26 +258,18 @@ class BatchScheduler:
 
     def _announce(self, batch_id: str) -> None:
         """Workers drop the batch's lines that have not reached a slot yet."""
-        for model in store.batch_models(self.db, batch_id=batch_id):
+        for model in batch_line_reads.batch_models(self.db, batch_id=batch_id):
             self.redis.publish(keys.cancel_channel(model), keys.batch_cancel_message(batch_id))
 
     def _cancel_lines(self, batch_id: str) -> None:
         with self.db.begin() as conn:
             self.lead.check(conn)
-            conn.execute(
-                update(LINES)
-                .where(LINES.c.batch_id == batch_id, LINES.c.state.in_((b.PENDING, b.QUEUED)))
-                .values(state=b.CANCELLED, finished_at=utcnow(), lease_until=None)
-            )
+            batch_lines.cancel_lines(conn, batch_id=batch_id, now=utcnow())
 
     def _expire(self, batch_id: str) -> None:
         with self.db.begin() as conn:
             self.lead.check(conn)
-            conn.execute(
-                update(LINES)
-                .where(LINES.c.batch_id == batch_id, LINES.c.state.in_(b.LIVE_STATES))
-                .values(state=b.EXPIRED, finished_at=utcnow(), lease_until=None)
-            )
+            batch_lines.expire_lines(conn, batch_id=batch_id, now=utcnow())
         self._announce(batch_id)
         self._finish(batch_id, b.BATCH_EXPIRED)
 
@@ -310,7 +295,7 @@ class BatchScheduler:
         slots = self._live_slots()
         if not slots:
             return
-        for model in feeding.waiting_models(self.db):
+        for model in batch_line_reads.waiting_models(self.db):
             if model not in slots:
                 continue
             try:

@@ -5,23 +5,21 @@ its own thread)."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Engine, func, insert, select, update
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import Session
 
-from api.batches.validate import Line, safe_text
 from api.batches import protocol
+from api.batches.validate import safe_text
+from schemas import batch_line_reads, batch_lines
 from schemas import batches as b
+from schemas.batch_lines import Fence, Line
 from schemas.bounds import text_problem
 from schemas.events import error_body
-from schemas.tables import BATCH_LINES as LINES
 from schemas.tables import BATCHES, BatchRecord, aware, plausible_id, utcnow
-
-INSERT_ROWS = 1000
 
 
 def _ts(value: datetime | None) -> int | None:
@@ -72,16 +70,9 @@ def list_batches(
 def counts(db: Engine, *, batch_ids: Sequence[str]) -> dict[str, protocol.RequestCounts]:
     """request_counts: every line in the error file counts as failed."""
     out = {batch_id: protocol.RequestCounts() for batch_id in batch_ids}
-    if not batch_ids:
-        return out
-    query = (
-        select(LINES.c.batch_id, LINES.c.state, func.count())
-        .where(LINES.c.batch_id.in_(batch_ids))
-        .group_by(LINES.c.batch_id, LINES.c.state)
-    )
-    with db.connect() as conn:
-        for batch_id, state, n in conn.execute(query):
-            c = out[batch_id]
+    for batch_id, states in batch_line_reads.counts(db, batch_ids=batch_ids).items():
+        c = out[batch_id]
+        for state, n in states.items():
             c.total += n
             if state == b.DONE:
                 c.completed += n
@@ -90,7 +81,9 @@ def counts(db: Engine, *, batch_ids: Sequence[str]) -> dict[str, protocol.Reques
     return out
 
 
-def batch_object(record: BatchRecord, request_counts: protocol.RequestCounts) -> protocol.BatchObject:
+def batch_object(
+    record: BatchRecord, request_counts: protocol.RequestCounts
+) -> protocol.BatchObject:
     return protocol.BatchObject(
         id=record.id,
         endpoint=record.endpoint,
@@ -114,11 +107,6 @@ def batch_object(record: BatchRecord, request_counts: protocol.RequestCounts) ->
     )
 
 
-# Called first in a transaction of the batch scheduler: raises when this
-# process is no longer the leader (api.batches.leader.Leadership.check).
-Fence = Callable[[Connection], None]
-
-
 def set_status(
     db: Engine, *, batch_id: str, status: str, fence: Fence | None = None, **fields: Any
 ) -> None:
@@ -140,21 +128,6 @@ def set_status(
         conn.execute(update(BATCHES).where(BATCHES.c.id == batch_id).values(**values))
 
 
-def _row(batch_id: str, line: Line, now: datetime) -> dict[str, Any]:
-    return {
-        "batch_id": batch_id,
-        "line": line.line,
-        "custom_id": line.custom_id,
-        "request_id": line.request_id,
-        "model": line.model,
-        "job": line.job,
-        "state": line.state,
-        "attempts": 0,
-        "result": line.result,
-        "finished_at": None if line.job is not None else now,
-    }
-
-
 def _refused(line: Line, exc: Exception) -> Line:
     """A line the database would not store, as a line that failed with a 400."""
     message = safe_text(f"the request holds a value the database cannot store: {exc}", 500)
@@ -172,42 +145,15 @@ def insert_lines(
     fence: Fence | None = None,
     careful: bool = False,
 ) -> int:
-    """All of a batch's lines, then in_progress, in one transaction: a crash
-    halfway leaves the batch validating, and validation starts over.
+    """All of a batch's lines, then in_progress, in one transaction
+    (schemas.batch_lines.store_lines).
 
-    `careful`: each line in a savepoint of its own, and a line the database
-    refuses (a value validation did not foresee) is stored as a failed line
-    instead; for a second try after the fast path raised. Returns how many
-    lines were refused."""
-    now = utcnow()
-    refused = 0
-    with db.begin() as conn:
-        if fence is not None:
-            fence(conn)
-        conn.execute(LINES.delete().where(LINES.c.batch_id == batch_id))
-        if careful:
-            for line in lines:
-                try:
-                    with conn.begin_nested():
-                        conn.execute(insert(LINES), [_row(batch_id, line, now)])
-                except Exception as exc:
-                    # An outage is not a refusal: let it fail the pass.
-                    if isinstance(exc, (OperationalError, InterfaceError)) or (
-                        isinstance(exc, DBAPIError) and exc.connection_invalidated
-                    ):
-                        raise
-                    refused += 1
-                    conn.execute(insert(LINES), [_row(batch_id, _refused(line, exc), now)])
-        else:
-            for start in range(0, len(lines), INSERT_ROWS):
-                rows = [_row(batch_id, line, now) for line in lines[start : start + INSERT_ROWS]]
-                conn.execute(insert(LINES), rows)
-        conn.execute(
-            update(BATCHES)
-            .where(BATCHES.c.id == batch_id, BATCHES.c.status == b.VALIDATING)
-            .values(status=b.IN_PROGRESS, in_progress_at=now)
-        )
-    return refused
+    `careful`: each line on its own, and a line the database refuses (a
+    value validation did not foresee) is stored as a line that failed with a
+    400 instead; for a second try after the fast path raised. Returns how
+    many lines were refused."""
+    refuse = _refused if careful else None
+    return batch_lines.store_lines(db, batch_id=batch_id, lines=lines, fence=fence, refuse=refuse)
 
 
 def fail_batch(db: Engine, *, batch_id: str, reason: str, fence: Fence | None = None) -> bool:
@@ -231,11 +177,7 @@ def fail_batch(db: Engine, *, batch_id: str, reason: str, fence: Fence | None = 
             .values(status=b.BATCH_FAILED, failed_at=now, errors=errors)
         ).rowcount
         if moved:
-            conn.execute(
-                update(LINES)
-                .where(LINES.c.batch_id == batch_id, LINES.c.state.in_((b.PENDING, b.QUEUED)))
-                .values(state=b.FAILED, result=result, finished_at=now, lease_until=None)
-            )
+            batch_lines.fail_lines(conn, batch_id=batch_id, result=result, now=now)
     return bool(moved)
 
 
@@ -250,17 +192,5 @@ def request_cancel(db: Engine, *, batch_id: str) -> bool:
             .values(status=b.CANCELLING, cancelling_at=now)
         ).rowcount
         if moved:
-            conn.execute(
-                update(LINES)
-                .where(LINES.c.batch_id == batch_id, LINES.c.state.in_((b.PENDING, b.QUEUED)))
-                .values(state=b.CANCELLED, finished_at=now, lease_until=None)
-            )
+            batch_lines.cancel_lines(conn, batch_id=batch_id, now=now)
     return bool(moved)
-
-
-def batch_models(db: Engine, *, batch_id: str) -> list[str]:
-    """The models a batch's lines run on."""
-    with db.connect() as conn:
-        query = select(LINES.c.model).distinct().where(LINES.c.batch_id == batch_id)
-        rows = conn.execute(query)
-        return [r[0] for r in rows if r[0]]

@@ -25,12 +25,14 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from api.catalog import pick_model, require_feature
-from api.errors import APIError, describe_validation
-from api.openai.requests import chat_job, completion_job, embedding_job, rerank_job
-from schemas import batches as b
-from schemas.bounds import text_problem
 from api.embeddings.protocol import EmbeddingRequest, RerankRequest
+from api.embeddings.requests import embedding_job, rerank_job
+from api.errors import APIError, describe_validation
 from api.openai.protocol import ChatCompletionRequest, CompletionRequest
+from api.openai.requests import chat_job, completion_job
+from schemas import batches as b
+from schemas.batch_lines import Line
+from schemas.bounds import text_problem
 from schemas.events import error_body
 from schemas.registry import Registry
 
@@ -38,20 +40,6 @@ log = logging.getLogger("inferq.batches")
 
 # Errors listed per failed batch; past this, one more says how many were left out.
 MAX_REPORTED_ERRORS = 100
-
-
-@dataclass
-class Line:
-    line: int
-    custom_id: str
-    request_id: str
-    model: str
-    job: dict[str, Any] | None
-    result: dict[str, Any] | None = None
-
-    @property
-    def state(self) -> str:
-        return b.PENDING if self.job is not None else b.FAILED
 
 
 @dataclass

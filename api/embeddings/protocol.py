@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from schemas.bounds import CheckedBody, PositiveInt32, TokenId
 
 # The number of inputs per request is bounded by a setting
-# (api/openai/requests.py); each token id is an int32.
+# (api/embeddings/requests.py); each token id is an int32.
 Input = str | list[str] | list[TokenId] | list[list[TokenId]]
 
 

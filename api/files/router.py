@@ -12,11 +12,11 @@ from fastapi import APIRouter, File, Form, Query, Request, Response, UploadFile
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
-from api.files import store as files_store
 from api.deps import DbDep, SettingsDep
 from api.errors import APIError
-from api.routing import StrictJSONRoute
+from api.files import store as files_store
 from api.files.protocol import UPLOAD_PURPOSES, FileDeleted, FileList, FileObject
+from api.routing import StrictJSONRoute
 from schemas.settings import Settings
 from schemas.tables import FileRecord
 

@@ -12,16 +12,20 @@ from schemas.bounds import (
     CheckedBody,
     LengthPenalty,
     LogprobCount,
-    MinusOneInt32,
-    NonNegFloat32,
     Penalty,
-    PositiveFloat32,
     PositiveInt32,
-    Probability,
     Seed,
     Width,
 )
-from schemas.jobs import SamplingOptions
+from schemas.sampling import (
+    MinP,
+    RepeatPenalty,
+    SamplingOptions,
+    Temperature,
+    TopK,
+    TopP,
+    stop_list,
+)
 
 
 class GenerateRequest(CheckedBody):
@@ -39,12 +43,13 @@ class GenerateRequest(CheckedBody):
     best_of: Width | None = None
     presence_penalty: Penalty = 0.0
     frequency_penalty: Penalty = 0.0
-    repetition_penalty: PositiveFloat32 = 1.0
-    temperature: NonNegFloat32 = 1.0
-    # vLLM refuses 0 (it would keep no token).
-    top_p: Annotated[Probability, Field(gt=0.0)] = 1.0
-    top_k: MinusOneInt32 = -1
-    min_p: Probability = 0.0
+    repetition_penalty: RepeatPenalty = 1.0
+    temperature: Temperature = 1.0
+    # vLLM refuses 0 (it would keep no token): narrower than the shared bound.
+    top_p: Annotated[TopP, Field(gt=0.0)] = 1.0
+    # -1 (vLLM's "off") is 0 in the job.
+    top_k: TopK = -1
+    min_p: MinP = 0.0
     seed: Seed | None = None
     stop: str | list[str] | None = None
     ignore_eos: bool = False
@@ -73,7 +78,8 @@ class GenerateRequest(CheckedBody):
         return self.best_of or self.n
 
     def sampling(self) -> SamplingOptions:
-        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        """vLLM's names and defaults as the job's options (written out: no
+        field is shared under the same name and default)."""
         pick_best = self.width > self.n
         return SamplingOptions(
             max_tokens=self.max_tokens,
@@ -87,7 +93,7 @@ class GenerateRequest(CheckedBody):
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
             seed=self.seed,
-            stop=stop,
+            stop=stop_list(self.stop),
             ignore_eos=self.ignore_eos,
             # Choosing the best of several needs their log-probabilities.
             logprobs=self.logprobs if self.logprobs is not None else (0 if pick_best else None),

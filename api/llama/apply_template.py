@@ -11,10 +11,9 @@ from fastapi import APIRouter
 
 from api.deps import CatalogDep, RedisDep
 from api.errors import APIError
-from api.routing import StrictJSONRoute
-from api.llama.common import pick_model
-from schemas import keys
+from api.llama.common import published_props
 from api.llama.protocol import ApplyTemplateRequest
+from api.routing import StrictJSONRoute
 from schemas.registry import ModelConfig, Parameters
 from schemas.templates import PromptBuilder, PromptError
 
@@ -49,16 +48,9 @@ def _builder(model: str, config: ModelConfig | None, raw: bytes) -> PromptBuilde
 async def apply_template(
     body: ApplyTemplateRequest, catalog: CatalogDep, client: RedisDep
 ) -> dict[str, str]:
-    model = await pick_model(catalog, body.model)
-    raw = await client.get(keys.model_props(model))
-    if raw is None:
-        raise APIError(
-            503,
-            f"no worker of model '{model}' has started yet: its template comes from its workers",
-            code="no_worker_ready",
-        )
-    raw_bytes = raw.encode() if isinstance(raw, str) else raw
-    builder = _builder(model, catalog.registry.models.get(model), raw_bytes)
+    model = await catalog.named_or_default(body.model)
+    raw = await published_props(client, model, why="its template comes from its workers")
+    builder = _builder(model, catalog.registry.models.get(model), raw)
     tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
     try:
         prompt = builder.chat([m.flatten() for m in body.messages], tools=tools)

@@ -1,5 +1,6 @@
-"""What the llama.cpp endpoints share: the default model, and the defaults
-POST /props stores in Redis."""
+"""What the llama.cpp endpoints share: the properties a model's workers
+publish, and the defaults of /completion and /infill that POST /props stores
+in Redis (the default model of llama-server's routes: Catalog.named_or_default)."""
 
 from __future__ import annotations
 
@@ -8,22 +9,21 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from api import catalog as api_catalog
-from api.catalog import GENERATION, Catalog
+from api.errors import APIError
 from schemas import keys
 
 
-async def pick_model(catalog: Catalog, name: str | None, feature: str = GENERATION) -> str:
-    """The model a llama.cpp request names, or the default: llama-server
-    clients name none, so it is INFERQ_DEFAULT_MODEL, else the first model
-    serving `feature` with a live worker, else the first configured. A name
-    no model has reaches the only model serving `feature` (LocalAI's rule)."""
-    if name is None:
-        return await catalog.default(feature)
-    names = await catalog.names()
-    return api_catalog.pick_model(
-        name, names, api_catalog.capable_models(catalog.registry, names, feature)
-    )
+async def published_props(client: aioredis.Redis, model: str, *, why: str) -> bytes:
+    """The properties `model`'s workers publish when they start (the API may
+    have no copy of the model); a 503 before any has, that ends with `why`."""
+    raw = await client.get(keys.model_props(model))
+    if raw is None:
+        raise APIError(
+            503,
+            f"no worker of model '{model}' has started yet: {why}",
+            code="no_worker_ready",
+        )
+    return raw.encode() if isinstance(raw, str) else bytes(raw)
 
 
 async def load_overrides(client: aioredis.Redis, model: str) -> dict[str, Any]:

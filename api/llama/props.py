@@ -14,10 +14,9 @@ from pydantic import ValidationError
 
 from api.deps import CatalogDep, RedisDep, SettingsDep
 from api.errors import APIError
-from api.routing import StrictJSONRoute
-from api.llama.common import load_overrides, pick_model, save_overrides
-from schemas import keys
+from api.llama.common import load_overrides, published_props, save_overrides
 from api.llama.protocol import WRITABLE_PROPS, CompletionRequest
+from api.routing import StrictJSONRoute
 
 router = APIRouter(tags=["llama.cpp"], route_class=StrictJSONRoute)
 _RANDOM_SEED = 0xFFFFFFFF
@@ -39,14 +38,8 @@ def _as_settings(overrides: dict[str, Any]) -> dict[str, Any]:
 async def get_props(
     catalog: CatalogDep, client: RedisDep, settings: SettingsDep, model: str | None = None
 ) -> dict[str, Any]:
-    name = await pick_model(catalog, model)
-    raw = await client.get(keys.model_props(name))
-    if raw is None:
-        raise APIError(
-            503,
-            f"no worker of model '{name}' has started yet: its properties come from its workers",
-            code="no_worker_ready",
-        )
+    name = await catalog.named_or_default(model)
+    raw = await published_props(client, name, why="its properties come from its workers")
     props: dict[str, Any] = json.loads(raw)
     params = dict(props.get("params", {}))
     if settings.props_writable:
@@ -108,7 +101,7 @@ async def set_props(
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
     named = body.get("model")
-    name = await pick_model(catalog, model or (named if isinstance(named, str) else None))
+    name = await catalog.named_or_default(model or (named if isinstance(named, str) else None))
     params = _params(body)
     if "max_tokens" in params and "n_predict" not in params:
         params["n_predict"] = params.pop("max_tokens")

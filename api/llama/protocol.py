@@ -4,28 +4,24 @@ inferq's job options."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from schemas.bounds import (
-    Bias,
-    CheckedBody,
-    Float32,
-    Int32,
-    LogprobCount,
-    MinusOneInt32,
-    NonNegInt32,
-    Penalty,
-    PositiveFloat32,
-    Probability,
-    Seed,
-    TokenId,
-    token_key,
-)
-from schemas.jobs import InfillChunk, InfillInput, SamplingOptions
 from api.openai.protocol import ChatMessage, Tool
-from schemas.sampling import SAMPLER_NAMES
+from schemas.bounds import CheckedBody, Float32, LogprobCount, MinusOneInt32, NonNegInt32, TokenId
+from schemas.jobs import InfillChunk, InfillInput
+from schemas.sampling import (
+    SAMPLER_NAMES,
+    SHARED_FIELDS,
+    BiasMap,
+    BiasPairs,
+    SamplingOptions,
+    SharedSampling,
+    bias_pairs,
+    sampling_options,
+    stop_list,
+)
 
 _SAMPLER_ALIASES = {
     "top-k": "top_k",
@@ -75,13 +71,19 @@ def sampler_names(value: list[str] | str) -> list[str]:
     return names
 
 
-class LlamaOptions(CheckedBody):
-    """The generation options /completion and /infill share. Fields
-    llama-server documents that inferq does not implement (n_indent, dry_*,
-    xtc_*, dynatemp_*, t_max_predict_ms, lora, ...) are accepted and ignored."""
+class LlamaOptions(CheckedBody, SharedSampling):
+    """The generation options /completion and /infill share: the shared knobs
+    (SharedSampling) and llama-server's own fields. Fields llama-server
+    documents that inferq does not implement (n_indent, dry_*, xtc_*,
+    dynatemp_*, t_max_predict_ms, lora, ...) are accepted and ignored."""
 
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
+    # llama-server's own meaning: a negative temperature is greedy sampling
+    # (the job carries 0), so this one knob is wider than the shared bound.
+    temperature: Float32 | None = None
+    # llama-server's default is 0 rather than "unset" (the same sampling).
+    min_keep: NonNegInt32 = 0
     model: str | None = None
     n_predict: MinusOneInt32 = -1
     max_tokens: MinusOneInt32 | None = None
@@ -90,40 +92,19 @@ class LlamaOptions(CheckedBody):
     n_keep: MinusOneInt32 = 0
     stream: bool = False
     stop: list[str] | str | None = None
-    # Negative: greedy, as in llama-server.
-    temperature: Float32 | None = None
-    top_k: Int32 | None = None
-    top_p: Probability | None = None
-    min_p: Probability | None = None
-    typical_p: Probability | None = None
-    repeat_penalty: PositiveFloat32 | None = None
-    repeat_last_n: MinusOneInt32 | None = None
     # Accepted without effect, as in current llama.cpp.
     penalize_nl: bool = False
-    presence_penalty: Penalty | None = None
-    frequency_penalty: Penalty | None = None
-    mirostat: Literal[0, 1, 2] | None = None
-    mirostat_tau: PositiveFloat32 | None = None
-    mirostat_eta: PositiveFloat32 | None = None
-    grammar: str | None = None
-    json_schema: dict[str, Any] | None = None
-    seed: Seed | None = None
-    ignore_eos: bool = False
-    logit_bias: list[tuple[TokenId | str, Bias]] | dict[str, Bias] | None = None
+    # The pair form first, as llama-server lists it (pydantic's errors name
+    # the members of a union in this order).
+    logit_bias: BiasPairs | BiasMap | None = None
     n_probs: LogprobCount = 0
-    min_keep: NonNegInt32 = 0
     id_slot: MinusOneInt32 = -1
-    cache_prompt: bool = True
     samplers: list[str] | str | None = None
 
     @field_validator("logit_bias")
     @classmethod
-    def _bias_keys_in_range(
-        cls, value: list[tuple[int | str, float | bool]] | dict[str, float | bool] | None
-    ) -> list[tuple[int | str, float | bool]] | dict[str, float | bool] | None:
-        if isinstance(value, dict):
-            for key in value:
-                token_key(key)  # an integer key out of int32 is a ValueError
+    def _bias_keys_in_range(cls, value: BiasPairs | BiasMap | None) -> BiasPairs | BiasMap | None:
+        bias_pairs(value, text_keys=True)  # an integer key out of int32 is a ValueError
         return value
 
     @field_validator("samplers")
@@ -139,46 +120,26 @@ class LlamaOptions(CheckedBody):
         return None if limit < 0 else limit
 
     def bias_list(self) -> list[tuple[int | str, float | bool]]:
-        if self.logit_bias is None:
-            return []
-        if isinstance(self.logit_bias, dict):
-            # llama-server: a key that is not an integer is text to tokenize.
-            pairs: list[tuple[int | str, float | bool]] = []
-            for key, bias in self.logit_bias.items():
-                token = token_key(key)
-                pairs.append((key if token is None else token, bias))
-        else:
-            pairs = list(self.logit_bias)
-        # llama-server skips a bias of `true`: only numbers and `false` count.
+        """logit_bias, where a map key that is not an integer is text to
+        tokenize; llama-server skips a bias of `true` (only numbers and
+        `false` count)."""
+        pairs = bias_pairs(self.logit_bias, text_keys=True)
         return [(token, bias) for token, bias in pairs if bias is not True]
 
     def sampling(self) -> SamplingOptions:
-        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        """llama-server's names and conventions as the job's options."""
         samplers = self.samplers
-        return SamplingOptions(
+        return sampling_options(
+            self,
             max_tokens=self.token_limit(),
             temperature=None if self.temperature is None else max(self.temperature, 0.0),
-            top_p=self.top_p,
-            top_k=self.top_k,
-            min_p=self.min_p,
-            typical_p=self.typical_p,
-            min_keep=self.min_keep,
-            repeat_penalty=self.repeat_penalty,
-            repeat_last_n=self.repeat_last_n,
-            presence_penalty=self.presence_penalty,
-            frequency_penalty=self.frequency_penalty,
-            mirostat=self.mirostat,
-            mirostat_tau=self.mirostat_tau,
-            mirostat_eta=self.mirostat_eta,
             seed=None if self.seed in _RANDOM_SEEDS else self.seed,
-            stop=[s for s in stop if s],
+            stop=[s for s in stop_list(self.stop) if s],
             logit_bias=self.bias_list(),
             grammar=self.grammar or None,
             # llama-server uses json_schema only when no grammar is given.
             json_schema=None if self.grammar else self.json_schema,
             logprobs=self.n_probs or None,
-            ignore_eos=self.ignore_eos,
-            cache_prompt=self.cache_prompt,
             samplers=list(samplers) if isinstance(samplers, list) else None,
         )
 
@@ -272,30 +233,15 @@ class DetokenizeRequest(CheckedBody):
     tokens: list[TokenId] = Field(default_factory=list)
 
 
-# What POST /props may set: the defaults of /completion and /infill.
-WRITABLE_PROPS = frozenset(
-    {
-        "temperature",
-        "top_k",
-        "top_p",
-        "min_p",
-        "typical_p",
-        "repeat_penalty",
-        "repeat_last_n",
-        "presence_penalty",
-        "frequency_penalty",
-        "mirostat",
-        "mirostat_tau",
-        "mirostat_eta",
-        "n_predict",
-        "min_keep",
-        "samplers",
-        "stop",
-        "seed",
-        "ignore_eos",
-        "n_probs",
-    }
-)
+# What POST /props may set: the defaults of /completion and /infill. Those
+# are the shared knobs, less what only means something per request (an output
+# grammar or schema, the prompt cache), plus llama-server's own names.
+WRITABLE_PROPS = (SHARED_FIELDS - {"grammar", "json_schema", "cache_prompt"}) | {
+    "n_predict",
+    "n_probs",
+    "samplers",
+    "stop",
+}
 
 
 class ApplyTemplateRequest(CheckedBody):

@@ -1,84 +1,30 @@
 """llama-server's own HTTP API: /completion, /infill, /tokenize, /detokenize
-(/props is in llama_props). Clients written for llama.cpp's server work
+(/props: props.py). Clients written for llama.cpp's server work
 unchanged; answers and errors differ only where documented in the README."""
 
 from __future__ import annotations
 
-import uuid
-from typing import Any, TypeVar
+from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
-from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from api.catalog import Catalog
 from api.deps import CatalogDep, RunnerDep
 from api.errors import APIError
-from api.routing import StrictJSONRoute
-from api.llama.common import load_overrides, pick_model
-from api.llama.serving import serve_completion
-from api.openai.requests import bad_request, check_generate
-from api.vocab import Vocab, VocabCache, VocabUnavailable
-from schemas.jobs import GenerateJob, SamplingOptions
 from api.llama.protocol import (
     CompletionRequest,
     DetokenizeRequest,
     InfillRequest,
-    LlamaOptions,
     TokenizeRequest,
 )
+from api.llama.requests import llama_job, with_defaults
+from api.llama.serving import serve_completion
+from api.routing import StrictJSONRoute
+from api.vocab import Vocab, VocabCache, VocabUnavailable
 
 router = APIRouter(tags=["llama.cpp"], route_class=StrictJSONRoute)
-Body = TypeVar("Body", bound=LlamaOptions)
-
-
-def _invalid(exc: ValidationError) -> RequestValidationError:
-    # Answered as any other bad request body: a 400 in the error envelope.
-    return RequestValidationError(exc.errors(include_url=False))
-
-
-async def _with_defaults(body: Body, request: Request, model: str) -> Body:
-    """Fields the request leaves out take the defaults set through POST /props."""
-    settings = request.app.state.settings
-    if not settings.props_writable:
-        return body
-    overrides = await load_overrides(request.app.state.redis, model)
-    given = body.model_fields_set
-    if "max_tokens" in given:
-        given = given | {"n_predict"}
-    missing = {k: v for k, v in overrides.items() if k not in given}
-    if not missing:
-        return body
-    try:
-        return type(body).model_validate({**missing, **body.model_dump(exclude_unset=True)})
-    except ValidationError as exc:
-        raise _invalid(exc) from exc
-
-
-def _sampling(body: LlamaOptions) -> SamplingOptions:
-    try:
-        return body.sampling()
-    except ValidationError as exc:
-        raise _invalid(exc) from exc
-
-
-def _job(
-    request: Request, catalog: Catalog, body: LlamaOptions, model: str, endpoint: str, **fields: Any
-) -> GenerateJob:
-    sampling = _sampling(body)
-    with bad_request():
-        job = GenerateJob(
-            request_id=f"llamacmpl-{uuid.uuid4().hex}",
-            model=model,
-            endpoint=endpoint,  # type: ignore[arg-type]
-            sampling=sampling,
-            stream=body.stream,
-            id_slot=None if body.id_slot < 0 else body.id_slot,
-            **fields,
-        )
-    return check_generate(job, catalog.registry.models.get(model), request.app.state.settings)
 
 
 @router.post("/completion", response_model=None)
@@ -88,9 +34,12 @@ async def completion(
 ) -> Response:
     """llama-server's completion: the prompt (strings and token ids) is
     evaluated verbatim, without the model's completion template."""
-    model = await pick_model(catalog, body.model)
-    body = await _with_defaults(body, request, model)
-    job = _job(request, catalog, body, model, "llama.completion", prompt_parts=body.prompt_parts())
+    model = await catalog.named_or_default(body.model)
+    body = await with_defaults(body, request, model)
+    config = catalog.registry.models.get(model)
+    job = llama_job(
+        request, body, model, config, "llama.completion", prompt_parts=body.prompt_parts()
+    )
     return await serve_completion(request, runner, job, body.echo())
 
 
@@ -99,14 +48,15 @@ async def infill(
     body: InfillRequest, request: Request, catalog: CatalogDep, runner: RunnerDep
 ) -> Response:
     """Fill in the middle, with the model's FIM tokens (a 400 when it has none)."""
-    model = await pick_model(catalog, body.model)
-    body = await _with_defaults(body, request, model)
-    job = _job(request, catalog, body, model, "llama.infill", infill=body.infill())
+    model = await catalog.named_or_default(body.model)
+    body = await with_defaults(body, request, model)
+    config = catalog.registry.models.get(model)
+    job = llama_job(request, body, model, config, "llama.infill", infill=body.infill())
     return await serve_completion(request, runner, job, body.echo())
 
 
 async def _vocab(request: Request, catalog: Catalog, name: str | None) -> Vocab:
-    model = await pick_model(catalog, name)
+    model = await catalog.named_or_default(name)
     vocabs: VocabCache = request.app.state.vocabs
     try:
         return await run_in_threadpool(vocabs.get, model, catalog.registry.models.get(model))

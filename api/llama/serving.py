@@ -5,21 +5,18 @@ none on these endpoints."""
 
 from __future__ import annotations
 
-import contextlib
-import json
-from collections.abc import AsyncIterator
+from collections.abc import Iterator
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
-from api.errors import APIError, from_event
-from api.openai.chunks import PING, sse
-from api.streaming.jobs import ClientGone, JobRunner, JobStream, unless_disconnected
-from schemas.events import Accepted, Done, ErrorEvent, Event, TokenEvent
+from api.streaming import relay
+from api.streaming.jobs import JobRunner
+from api.streaming.relay import Collected, sse
+from schemas.events import Accepted, Done, TokenEvent
 from schemas.jobs import GenerateJob
 
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 _TOKEN_HEAD = b'data: {"index":0,"content":'
 _TOKEN_TAIL = b',"stop":false}\n\n'
 
@@ -88,108 +85,58 @@ def final_body(
     return body
 
 
-async def _collect(stream: JobStream) -> tuple[Accepted | None, list[str], Done | ErrorEvent]:
-    accepted: Accepted | None = None
-    parts: list[str] = []
-    while True:
-        event = await stream.next()
-        if isinstance(event, Accepted):
-            accepted = event
-        elif isinstance(event, TokenEvent):
-            parts.append(event.text)
-        elif isinstance(event, (Done, ErrorEvent)):
-            return accepted, parts, event
+class LlamaStream:
+    """The relay's format for llama-server's chunks: the Accepted event kept
+    for the last chunk, which echoes its settings and prompt."""
 
+    closes_with_done = False
 
-async def _first(stream: JobStream) -> tuple[Accepted | None, Event | None]:
-    """The Accepted event (kept for the last chunk) and the first event that
-    decides the answer; None after the stream's ping interval of quiet."""
-    accepted: Accepted | None = None
-    while True:
-        event = await stream.next(idle=stream.ping_interval)
-        if not isinstance(event, Accepted):
-            return accepted, event
-        accepted = event
+    def __init__(self, job: GenerateJob, echo: dict[str, Any]) -> None:
+        self.job = job
+        self.echo = echo
+        self.accepted_event: Accepted | None = None
+        # JSON writes a newline inside a string as \n: no need to decode tokens.
+        self.new_line = False
 
+    def start(self) -> Iterator[bytes]:
+        return iter(())
 
-def _token_chunk(event: TokenEvent) -> bytes:
-    if event.logprobs is None:
-        # Hot path: the worker's JSON string literal is spliced in as it is.
-        return _TOKEN_HEAD + event.text_json + _TOKEN_TAIL
-    return sse(
-        {
-            "index": 0,
-            "content": event.text,
-            "stop": False,
-            "completion_probabilities": event.logprobs,
-        }
-    )
+    def accepted(self, event: Accepted) -> None:
+        self.accepted_event = event
+
+    def token(self, event: TokenEvent) -> bytes:
+        self.new_line = self.new_line or b"\\n" in event.text_json
+        if event.logprobs is None:
+            # Hot path: the worker's JSON string literal is spliced in as it is.
+            return _TOKEN_HEAD + event.text_json + _TOKEN_TAIL
+        return sse(
+            {
+                "index": 0,
+                "content": event.text,
+                "stop": False,
+                "completion_probabilities": event.logprobs,
+            }
+        )
+
+    def end(self, done: Done) -> Iterator[bytes]:
+        body = final_body(
+            self.job, self.accepted_event, done, self.echo, content="", has_new_line=self.new_line
+        )
+        yield sse(body)
 
 
 async def serve_completion(
     request: Request, runner: JobRunner, job: GenerateJob, echo: dict[str, Any]
 ) -> Response:
-    if not job.stream:
-        try:
-            async with runner.run(job) as stream:
-                accepted, parts, result = await unless_disconnected(request, _collect(stream))
-        except ClientGone:
-            return Response(status_code=499)
-        if isinstance(result, ErrorEvent):
-            raise from_event(result)
-        choice = result.choices[0]
-        text = choice.text if choice.text is not None else "".join(parts)
-        body = final_body(job, accepted, result, echo, content=text, has_new_line="\n" in text)
+    if job.stream:
+        return await relay.relay(request, runner, job, LlamaStream(job, echo))
+
+    def render(answer: Collected[Done]) -> Response:
+        choice = answer.end.choices[0]
+        text = choice.text if choice.text is not None else answer.text()
+        body = final_body(
+            job, answer.accepted, answer.end, echo, content=text, has_new_line="\n" in text
+        )
         return JSONResponse(body)
 
-    stack, stream, (accepted, first) = await runner.open(request, job, _first)
-    if isinstance(first, ErrorEvent):
-        await stack.aclose()
-        raise from_event(first)
-    return StreamingResponse(
-        _relay(stack, stream, job, accepted, first, echo),
-        media_type="text/event-stream",
-        headers=SSE_HEADERS,
-    )
-
-
-async def _relay(
-    stack: contextlib.AsyncExitStack,
-    stream: JobStream,
-    job: GenerateJob,
-    accepted: Accepted | None,
-    first: Event | None,
-    echo: dict[str, Any],
-) -> AsyncIterator[bytes]:
-    async with stack:
-        event: Event | None = first
-        # JSON writes a newline inside a string as \n: no need to decode tokens.
-        new_line = False
-        if first is None:
-            yield PING
-        elif isinstance(first, TokenEvent):
-            new_line = b"\\n" in first.text_json
-            yield _token_chunk(first)
-        while not isinstance(event, (Done, ErrorEvent)):
-            try:
-                event = await stream.next(idle=stream.ping_interval)
-            except APIError as exc:
-                event = ErrorEvent(exc.message, error_type=exc.type, code=exc.code)
-            if event is None:
-                yield PING
-            elif isinstance(event, Accepted):
-                accepted = event
-            elif isinstance(event, TokenEvent):
-                new_line = new_line or b"\\n" in event.text_json
-                yield _token_chunk(event)
-        if isinstance(event, ErrorEvent):
-            error = {
-                "message": event.message,
-                "type": event.error_type,
-                "param": event.param,
-                "code": event.code,
-            }
-            yield sse({"error": error})
-            return
-        body = final_body(job, accepted, event, echo, content="", has_new_line=new_line)
-        yield b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
+    return await relay.collect(request, runner, job, render)

@@ -2,7 +2,7 @@
 
 A token chunk is a fixed prefix, the token's JSON string literal exactly as
 the worker encoded it, and a fixed suffix: no per-token JSON object is built
-or parsed."""
+or parsed. Pings, `[DONE]` and the relay loop: api/streaming/relay.py."""
 
 from __future__ import annotations
 
@@ -12,9 +12,6 @@ from typing import Any
 from api.openai import logprobs
 from schemas.events import TokenEvent, Usage
 
-DONE = b"data: [DONE]\n\n"
-PING = b": ping\n\n"
-
 
 def usage_dict(usage: Usage) -> dict[str, int]:
     return {
@@ -22,10 +19,6 @@ def usage_dict(usage: Usage) -> dict[str, int]:
         "completion_tokens": usage.completion_tokens,
         "total_tokens": usage.total_tokens,
     }
-
-
-def sse(data: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
 
 
 class ChunkFormat:

@@ -3,29 +3,20 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from schemas.bounds import (
-    Bias,
-    CheckedBody,
-    Int32,
-    LengthPenalty,
-    LogprobCount,
-    MinusOneInt32,
-    NonNegFloat32,
-    NonNegInt32,
-    Penalty,
-    PositiveFloat32,
-    PositiveInt32,
-    Probability,
-    Seed,
-    TokenId,
-    Width,
-    token_key,
+from schemas.bounds import CheckedBody, LogprobCount, MinusOneInt32, PositiveInt32, Width
+from schemas.jobs import Message
+from schemas.sampling import (
+    LogitBias,
+    SamplingOptions,
+    SharedSampling,
+    bias_pairs,
+    sampling_options,
+    stop_list,
 )
-from schemas.jobs import Message, SamplingOptions
 
 
 class StreamOptions(BaseModel):
@@ -159,13 +150,10 @@ class ResponseFormat(BaseModel):
         return self.schema_ or {}
 
 
-LogitBias = dict[str, Bias] | list[tuple[TokenId | str, Bias]]
-
-
-class _SamplingRequest(CheckedBody):
-    """Fields the OpenAI and llama.cpp clients send on both endpoints (llama-server's
-    extras included). Unknown fields are accepted and ignored, as
-    OpenAI-compatible servers do."""
+class _SamplingRequest(CheckedBody, SharedSampling):
+    """Fields the OpenAI and llama.cpp clients send on both endpoints: the
+    shared knobs (SharedSampling) and llama-server's extras. Unknown fields
+    are accepted and ignored, as OpenAI-compatible servers do."""
 
     model_config = ConfigDict(extra="allow", populate_by_name=True, allow_inf_nan=False)
 
@@ -174,29 +162,11 @@ class _SamplingRequest(CheckedBody):
     stream_options: StreamOptions | None = None
     max_tokens: PositiveInt32 | None = None
     n_predict: MinusOneInt32 | None = None
-    temperature: NonNegFloat32 | None = None
-    top_p: Probability | None = None
-    top_k: Int32 | None = None
-    min_p: Probability | None = None
-    typical_p: Probability | None = None
-    min_keep: NonNegInt32 | None = None
-    repeat_penalty: PositiveFloat32 | None = None
-    repeat_last_n: MinusOneInt32 | None = None
-    presence_penalty: Penalty | None = None
-    frequency_penalty: Penalty | None = None
-    mirostat: Literal[0, 1, 2] | None = None
-    mirostat_tau: PositiveFloat32 | None = None
-    mirostat_eta: PositiveFloat32 | None = None
-    seed: Seed | None = None
-    # Count and length are bounded by settings (api/openai/requests.py).
+    # Count and length are bounded by settings (api/streaming/limits.py).
     stop: str | list[str] | None = None
     logit_bias: LogitBias | None = None
-    grammar: str | None = None
-    json_schema: dict[str, Any] | None = None
     response_format: ResponseFormat | None = None
     n_probs: LogprobCount | None = None
-    ignore_eos: bool = False
-    cache_prompt: bool = True
     n: Width = 1
     user: str | None = None
 
@@ -205,18 +175,8 @@ class _SamplingRequest(CheckedBody):
     def _token_id_keys(cls, value: LogitBias | None) -> LogitBias | None:
         # OpenAI's form maps token ids (integers as strings) to biases; text
         # biases (a llama.cpp extra) take the list form [["text", bias]].
-        if isinstance(value, dict):
-            for key in value:
-                if token_key(key) is None:
-                    raise ValueError(
-                        f"keys must be token ids written as integers, not {key[:40]!r}"
-                    )
+        bias_pairs(value, text_keys=False)
         return value
-
-    def stop_list(self) -> list[str]:
-        if self.stop is None:
-            return []
-        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
     def token_limit(self) -> int | None:
         if self.max_tokens is not None:
@@ -226,45 +186,21 @@ class _SamplingRequest(CheckedBody):
     def logprob_count(self) -> int | None:
         return self.n_probs if self.n_probs else None
 
-    def bias_list(self) -> list[tuple[int | str, float | bool]]:
-        if self.logit_bias is None:
-            return []
-        if isinstance(self.logit_bias, dict):
-            # OpenAI keys are token ids as strings; llama.cpp also allows text.
-            # Keys were checked to be ASCII integers (_token_id_keys).
-            return [(int(k), v) for k, v in self.logit_bias.items()]
-        return list(self.logit_bias)
-
     def output_schema(self) -> dict[str, Any] | None:
         if self.json_schema is not None:
             return self.json_schema
         return self.response_format.schema_dict() if self.response_format else None
 
     def sampling(self) -> SamplingOptions:
-        return SamplingOptions(
+        """OpenAI's names (and llama-server's extras) as the job's options."""
+        return sampling_options(
+            self,
             max_tokens=self.token_limit(),
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=self.top_k,
-            min_p=self.min_p,
-            typical_p=self.typical_p,
-            min_keep=self.min_keep,
-            repeat_penalty=self.repeat_penalty,
-            repeat_last_n=self.repeat_last_n,
-            presence_penalty=self.presence_penalty,
-            frequency_penalty=self.frequency_penalty,
-            mirostat=self.mirostat,
-            mirostat_tau=self.mirostat_tau,
-            mirostat_eta=self.mirostat_eta,
-            seed=self.seed,
-            stop=self.stop_list(),
-            logit_bias=self.bias_list(),
-            grammar=self.grammar,
+            stop=stop_list(self.stop),
+            logit_bias=bias_pairs(self.logit_bias, text_keys=False),
             json_schema=self.output_schema(),
             logprobs=self.logprob_count(),
-            ignore_eos=self.ignore_eos,
             n=self.n,
-            cache_prompt=self.cache_prompt,
         )
 
     @property

@@ -1,59 +1,75 @@
-"""Serving logic shared by /v1/chat/completions and /v1/completions."""
+"""Serving logic shared by /v1/chat/completions, /v1/completions, /v1/edits
+and /v1/generate: one JSON body, or OpenAI's chunks closed by `[DONE]`."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import Iterator
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
-from api.errors import APIError, from_event
 from api.openai import bodies
 from api.openai.bodies import Renderer
-from api.openai.chunks import DONE, PING, ChunkFormat, sse
-from api.streaming.jobs import ClientGone, JobRunner, JobStream, unless_disconnected
+from api.openai.chunks import ChunkFormat
 from api.openai.tools import ToolCallBuffer, parse_tool_call
-from schemas.events import Done, ErrorEvent, Event, TokenEvent
+from api.streaming import relay
+from api.streaming.jobs import JobRunner
+from schemas.events import Accepted, Done, TokenEvent
 from schemas.jobs import GenerateJob
 
-SSE_HEADERS = {
-    "Cache-Control": "no-cache",
-    # Reverse proxies (nginx) buffer responses unless told not to.
-    "X-Accel-Buffering": "no",
-}
 
+class OpenAIStream:
+    """The relay's format for OpenAI's chunks: role chunks first (chat), a
+    tool call held back until it is whole, finish chunks, usage if asked."""
 
-def _token_chunks(
-    fmt: ChunkFormat, event: TokenEvent, offsets: list[int], tools: ToolCallBuffer | None
-) -> list[bytes]:
-    if tools is not None:
-        if tools.feed(event.index, event.text):
-            return []
-        held = tools.undecided_prefix(event.index)
-        if held:
-            return [fmt.token(event.index, json.dumps(held + event.text).encode())]
-    if event.logprobs is None:
-        return [fmt.token(event.index, event.text_json)]
-    chunk = fmt.token_logprobs(event, offsets[event.index])
-    offsets[event.index] += sum(len(e["token"]) for e in event.logprobs)
-    return [chunk]
+    closes_with_done = True
 
+    def __init__(self, fmt: ChunkFormat, job: GenerateJob, *, include_usage: bool) -> None:
+        self.fmt = fmt
+        self.n = job.sampling.n
+        self.include_usage = include_usage
+        self.offsets = [0] * self.n
+        self.tools = ToolCallBuffer() if fmt.chat and job.tool_mode != "none" else None
 
-def _error_chunk(event: ErrorEvent) -> bytes:
-    return sse(
-        {
-            "error": {
-                "message": event.message,
-                "type": event.error_type,
-                "param": event.param,
-                "code": event.code,
-            }
-        }
-    )
+    def start(self) -> Iterator[bytes]:
+        if self.fmt.chat:
+            for index in range(self.n):
+                yield self.fmt.role(index)
+
+    def accepted(self, event: Accepted) -> None:
+        pass
+
+    def token(self, event: TokenEvent) -> bytes | None:
+        fmt, tools = self.fmt, self.tools
+        if tools is not None:
+            if tools.feed(event.index, event.text):
+                return None
+            held = tools.undecided_prefix(event.index)
+            if held:
+                return fmt.token(event.index, json.dumps(held + event.text).encode())
+        if event.logprobs is None:
+            return fmt.token(event.index, event.text_json)
+        chunk = fmt.token_logprobs(event, self.offsets[event.index])
+        self.offsets[event.index] += sum(len(e["token"]) for e in event.logprobs)
+        return chunk
+
+    def end(self, done: Done) -> Iterator[bytes]:
+        fmt, tools = self.fmt, self.tools
+        for choice in done.choices:
+            reason = choice.finish_reason
+            held = tools.held_text(choice.index) if tools else ""
+            if held:
+                call = parse_tool_call(held)
+                if call is not None:
+                    yield fmt.tool_call(choice.index, call)
+                    reason = "tool_calls"
+                else:
+                    yield fmt.token(choice.index, json.dumps(held).encode())
+            yield fmt.finish(choice.index, reason)
+        if self.include_usage:
+            yield fmt.usage(done.usage)
 
 
 async def serve(
@@ -66,21 +82,12 @@ async def serve(
 ) -> Response:
     created = int(time.time())
     if not job.stream:
-        try:
-            async with runner.run(job) as stream:
-                parts, result = await unless_disconnected(request, stream.collect())
-        except ClientGone:
-            return Response(status_code=499)
-        if isinstance(result, ErrorEvent):
-            raise from_event(result)
-        return JSONResponse(render(job, created, parts, result))
-
-    stack, stream, first = await runner.open(
-        request, job, lambda s: s.first(patience=s.ping_interval)
-    )
-    if isinstance(first, ErrorEvent):
-        await stack.aclose()
-        raise from_event(first)
+        return await relay.collect(
+            request,
+            runner,
+            job,
+            lambda answer: JSONResponse(render(job, created, answer.parts, answer.end)),
+        )
     fmt = ChunkFormat(
         request_id=job.request_id,
         model=job.model,
@@ -88,60 +95,6 @@ async def serve(
         chat=job.endpoint in ("chat.completions", "edits"),
         kind="generation.chunk" if job.endpoint.startswith("generate") else None,
     )
-    return StreamingResponse(
-        _relay(stack, stream, fmt, first, include_usage),
-        media_type="text/event-stream",
-        headers=SSE_HEADERS,
+    return await relay.relay(
+        request, runner, job, OpenAIStream(fmt, job, include_usage=include_usage)
     )
-
-
-async def _relay(
-    stack: contextlib.AsyncExitStack,
-    stream: JobStream,
-    fmt: ChunkFormat,
-    first: Event | None,
-    include_usage: bool,
-) -> AsyncIterator[bytes]:
-    job = stream.job
-    assert isinstance(job, GenerateJob)
-    async with stack:
-        n = job.sampling.n
-        if fmt.chat:
-            for index in range(n):
-                yield fmt.role(index)
-        offsets = [0] * n
-        tools = ToolCallBuffer() if fmt.chat and job.tool_mode != "none" else None
-        event: Any = first
-        if first is None:
-            yield PING
-        elif isinstance(first, TokenEvent):
-            for chunk in _token_chunks(fmt, first, offsets, tools):
-                yield chunk
-        while not isinstance(event, (Done, ErrorEvent)):
-            try:
-                event = await stream.next(idle=stream.ping_interval)
-            except APIError as exc:
-                event = ErrorEvent(exc.message, error_type=exc.type, code=exc.code)
-            if event is None:
-                yield PING
-            elif isinstance(event, TokenEvent):
-                for chunk in _token_chunks(fmt, event, offsets, tools):
-                    yield chunk
-        if isinstance(event, ErrorEvent):
-            # Headers are gone already: the failure travels as an event.
-            yield _error_chunk(event)
-        else:
-            for choice in event.choices:
-                reason = choice.finish_reason
-                held = tools.held_text(choice.index) if tools else ""
-                if held:
-                    call = parse_tool_call(held)
-                    if call is not None:
-                        yield fmt.tool_call(choice.index, call)
-                        reason = "tool_calls"
-                    else:
-                        yield fmt.token(choice.index, json.dumps(held).encode())
-                yield fmt.finish(choice.index, reason)
-            if include_usage:
-                yield fmt.usage(event.usage)
-        yield DONE

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import math
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -24,8 +25,8 @@ from redis.exceptions import RedisError
 from starlette.concurrency import run_in_threadpool
 
 from api.errors import APIError
-from api.streaming.hub import StreamHub, redis_unavailable
 from api.streaming import backpressure
+from api.streaming.hub import StreamHub, redis_unavailable
 from api.streaming.watch import Tracked
 from schemas import keys
 from schemas.events import Accepted, Done, Embeddings, ErrorEvent, Event, TokenEvent, decode
@@ -34,6 +35,10 @@ from schemas.settings import Settings
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+
+def new_request_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
 
 
 def _timed_out() -> APIError:
@@ -88,24 +93,18 @@ class JobStream:
             self.tracked.ended = True
         return event
 
-    async def first(self, *, patience: float) -> Event | None:
+    async def first(self, *, patience: float) -> tuple[Accepted | None, Event | None]:
         """The first event that decides the response: an error (sent as an HTTP
-        error), or a token or the end (a 200 stream). None when `patience`
-        seconds pass first: the stream then starts with pings. Not answering
-        before that keeps the API off the CPU while the prompt is evaluated."""
+        error), or a token or the end (a 200 stream); with the Accepted event
+        before it, if any. None when `patience` seconds pass first: the stream
+        then starts with pings. Not answering before that keeps the API off the
+        CPU while the prompt is evaluated."""
+        accepted: Accepted | None = None
         while True:
             event = await self.next(idle=patience)
             if not isinstance(event, Accepted):
-                return event
-
-    async def collect(self) -> tuple[dict[int, list[str]], Done | ErrorEvent]:
-        parts: dict[int, list[str]] = {}
-        while True:
-            event = await self.next()
-            if isinstance(event, TokenEvent):
-                parts.setdefault(event.index, []).append(event.text)
-            elif isinstance(event, (Done, ErrorEvent)):
-                return parts, event
+                return accepted, event
+            accepted = event
 
 
 @dataclass

@@ -9,8 +9,8 @@ import pytest
 
 from inferq.cli import main
 from tests.support.batches import chat_line, jsonl
-from tests.support.stack import Stack
 from tests.support.procs import free_port
+from tests.support.stack import Stack
 
 
 def _batch(stack: Stack, *args: str) -> int:

@@ -8,35 +8,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import psutil
 import pytest
-from sqlalchemy import create_engine, text
 
-from tests.support.procs import base_env, free_port, stop, wait_status
-
-
-@dataclass
-class Up:
-    process: subprocess.Popen[bytes]
-    url: str
-    cwd: Path
-    log: Path
-    env: dict[str, str]
-
-
-def _start(cwd: Path, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "inferq", "up"],
-        cwd=cwd,
-        env=env,
-        stdout=log.open("ab"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+from tests.support.deploy import poll_usage
+from tests.support.procs import Up, base_env, inferq_up
 
 
 @pytest.fixture
@@ -49,16 +28,8 @@ def workdir(tmp_path: Path, tiny_gguf: Path) -> Path:
 
 @pytest.fixture
 def up(workdir: Path) -> Iterator[Up]:
-    port = free_port()
-    env = base_env(INFERQ_PORT=str(port))
-    log = workdir / "up.log"
-    process = _start(workdir, env, log)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_status(url + "/health", 200, 90, log)
-        yield Up(process, url, workdir, log, env)
-    finally:
-        stop(process, signal.SIGINT, timeout=40)
+    with inferq_up(workdir) as up:
+        yield up
 
 
 def _chat(url: str, model: str = "any-name-at-all") -> dict[str, object]:
@@ -130,29 +101,12 @@ def test_busy_port_is_reported(workdir: Path) -> None:
 
 
 def test_up_uses_given_redis_and_postgres(workdir: Path, other_redis_url: str, pg_url: str) -> None:
-    port = free_port()
-    env = base_env(INFERQ_PORT=str(port), REDIS_URL=other_redis_url, DATABASE_URL=pg_url)
-    log = workdir / "up.log"
-    process = _start(workdir, env, log)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_status(url + "/health", 200, 90, log)
-        children = psutil.Process(process.pid).children(recursive=True)
+    with inferq_up(workdir, REDIS_URL=other_redis_url, DATABASE_URL=pg_url) as up:
+        children = psutil.Process(up.process.pid).children(recursive=True)
         assert not any("redis-server" in " ".join(c.cmdline()) for c in children)
-        body = _chat(url, "tiny")
-        engine = create_engine(pg_url)
-        try:
-            deadline = time.monotonic() + 10
-            count = 0
-            while count == 0 and time.monotonic() < deadline:
-                with engine.connect() as conn:
-                    count = conn.execute(
-                        text("SELECT count(*) FROM usage WHERE request_id = :r"), {"r": body["id"]}
-                    ).scalar_one()
-                time.sleep(0.1)
-            assert count == 1
-        finally:
-            engine.dispose()
+        body = _chat(up.url, "tiny")
+        rows = poll_usage(
+            database_url=pg_url, where="request_id = :r", params={"r": body["id"]}, until=bool
+        )
+        assert len(rows) == 1
         assert not (workdir / "data" / "inferq.db").exists()
-    finally:
-        stop(process, signal.SIGINT, timeout=40)

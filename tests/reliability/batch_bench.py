@@ -10,37 +10,34 @@ import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
-from sqlalchemy import Engine, select
+from sqlalchemy import ColumnElement, Engine, select, update
 
-from api.files import store as files_store
-from api.batches import feeding, store
+from api.batches import feeding, protocol, store
 from api.batches.scheduler import BatchScheduler
+from api.files import store as files_store
 from inferq.migrate import upgrade
-from api.batches import protocol
 from schemas import batches as b
 from schemas.db import make_engine
 from schemas.queue import make_celery
 from schemas.registry import load_registry
 from schemas.settings import Settings
-from schemas.tables import BATCH_LINES, USAGE, BatchRecord
-from tests.support.procs import base_env, inferq, stop
+from schemas.tables import BATCH_LINES, USAGE, BatchRecord, utcnow
+from tests.support.batches import chat_line, jsonl
+from tests.support.deploy import FAST_BATCHES, model_dir, stack_env
+from tests.support.procs import inferq, stop
 from tests.support.servers import Server, start_redis
 
 CHAT = "/v1/chat/completions"
 
 
 def chat_lines(n: int, prefix: str = "line", **body: Any) -> bytes:
-    out = []
-    for i in range(n):
-        request = {"model": "tiny", "messages": [{"role": "user", "content": f"hi {i}"}], **body}
-        item = {"custom_id": f"{prefix}-{i}", "method": "POST", "url": CHAT, "body": request}
-        out.append(json.dumps(item))
-    return ("\n".join(out) + "\n").encode()
+    return jsonl([chat_line(f"{prefix}-{i}", f"hi {i}", **body) for i in range(n)])
 
 
 @dataclass
@@ -63,7 +60,9 @@ class Bench:
         file = files_store.create_file(
             self.db, filename="in.jsonl", purpose="batch", chunks=[data], max_bytes=None
         )
-        create = protocol.BatchCreate(input_file_id=file.id, endpoint=endpoint, completion_window="24h")
+        create = protocol.BatchCreate(
+            input_file_id=file.id, endpoint=endpoint, completion_window="24h"
+        )
         batch_id: str = store.create_batch(self.db, create=create).id
         return batch_id
 
@@ -91,6 +90,29 @@ class Bench:
         data = b"".join(files_store.iter_content(self.db, file_id=file_id))
         return [json.loads(line) for line in data.splitlines() if line.strip()]
 
+    def hold(
+        self,
+        *where: ColumnElement[bool],
+        chunk: str,
+        worker: str,
+        attempts: int,
+        lease_s: float,
+    ) -> None:
+        """Mark the lines `where` says as running in `chunk` of `worker`, on a
+        lease of `lease_s` seconds from now (negative: lapsed already)."""
+        with self.db.begin() as conn:
+            conn.execute(
+                update(BATCH_LINES)
+                .where(*where)
+                .values(
+                    state=b.RUNNING,
+                    chunk=chunk,
+                    worker=worker,
+                    attempts=attempts,
+                    lease_until=utcnow() + timedelta(seconds=lease_s),
+                )
+            )
+
     def start_worker(self, timeout: float = 60) -> None:
         self.procs.append(inferq(["worker", "--model", "tiny"], self.env, self.log))
         deadline = time.monotonic() + timeout
@@ -115,23 +137,10 @@ class Bench:
 
 @pytest.fixture
 def bench(tmp_path: Path, tiny_gguf: Path, pg_url: str) -> Iterator[Bench]:
-    models = tmp_path / "models"
-    models.mkdir()
-    (models / "tiny.gguf").write_bytes(tiny_gguf.read_bytes())
-    (models / "tiny.yaml").write_text(
-        "name: tiny\nparameters:\n  model: tiny.gguf\ncontext_size: 512\nparallel: 2\nthreads: 1\n"
-    )
+    models = model_dir(tmp_path, tiny_gguf, context=512, parallel=2)
     upgrade(pg_url)
     server: Server = start_redis()
-    env = base_env(
-        REDIS_URL=server.url,
-        DATABASE_URL=pg_url,
-        INFERQ_MODELS_DIR=str(models),
-        INFERQ_BATCH_TICK="0.2",
-        INFERQ_BATCH_LEASE="3",
-        INFERQ_HEARTBEAT_INTERVAL="0.5",
-        INFERQ_BATCH_CHUNK_LINES="4",
-    )
+    env = stack_env(server.url, pg_url, models, None, **FAST_BATCHES)
     settings = Settings.model_validate(
         {
             "REDIS_URL": server.url,

@@ -20,11 +20,10 @@ from typing import Any
 
 import httpx
 import pytest
-import redis
-from sqlalchemy import create_engine, text
 
-from tests.support.procs import base_env, free_port, inferq, stop, wait_status
 from tests.reliability.hostile import CHAT_MODEL, EMBED_MODEL
+from tests.support.deploy import migrate, model_dir, other_redis_db, scratch_database, stack_env
+from tests.support.procs import free_port, stop, wait_status
 from tests.support.tinybert import write_tiny_bert
 
 log = logging.getLogger(__name__)
@@ -112,17 +111,6 @@ class FuzzStack:
         return self.log.read_text(errors="replace")[-chars:]
 
 
-def _fuzz_redis_url(redis_url: str) -> str:
-    # A database of its own: the session stack's workers consume queues of the
-    # same model name, and other tests flush db+1.
-    client = redis.Redis.from_url(redis_url)
-    db = (int(client.connection_pool.connection_kwargs.get("db", 0)) + 9) % 16
-    client.close()
-    url = redis_url.rsplit("/", 1)[0] + f"/{db}"
-    redis.Redis.from_url(url).flushdb()
-    return url
-
-
 @pytest.fixture(scope="session")
 def fuzz_stack(
     tmp_path_factory: pytest.TempPathFactory,
@@ -131,39 +119,31 @@ def fuzz_stack(
     pg_server_url: str,
 ) -> Iterator[FuzzStack]:
     root = tmp_path_factory.mktemp("fuzz")
-    models = root / "models"
-    models.mkdir()
-    (models / "tiny.gguf").write_bytes(tiny_fim_gguf.read_bytes())
-    (models / "tiny.yaml").write_text(
-        f"name: {CHAT_MODEL}\nparameters:\n  model: tiny.gguf\n"
-        "context_size: 1024\nparallel: 2\nthreads: 1\n"
-    )
+    models = model_dir(root, tiny_fim_gguf, context=1024, parallel=2, name=CHAT_MODEL)
     write_tiny_bert(models / "embed.gguf")
     (models / "embed.yaml").write_text(
         f"name: {EMBED_MODEL}\nparameters:\n  model: embed.gguf\nembeddings: true\n"
         "reranking: true\npooling: mean\nembedding_max_tokens: 256\nthreads: 1\n"
     )
-    database = f"inferq_fuzz_{int(time.time() * 1000)}"
-    admin = create_engine(pg_server_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{database}"'))
-    database_url = pg_server_url.rsplit("/", 1)[0] + "/" + database
-    fuzz_redis = _fuzz_redis_url(redis_url)
-    port = free_port()
-    env = base_env(
-        REDIS_URL=fuzz_redis,
-        DATABASE_URL=database_url,
-        INFERQ_MODELS_DIR=str(models),
-        INFERQ_PORT=str(port),
-        INFERQ_REQUEST_TIMEOUT="60",
-        INFERQ_BATCH_TICK="0.2",
-        # Lines a dead worker held come back in seconds, not a minute.
-        INFERQ_BATCH_LEASE="10",
-    )
+    # A Redis database of its own: the session stack's workers consume queues
+    # of the same model name, and other tests flush db+1.
+    fuzz_redis = other_redis_db(redis_url, 9)
+    with scratch_database(pg_server_url, "inferq_fuzz") as database_url:
+        port = free_port()
+        # A 10 s batch lease: lines a dead worker held come back in seconds, not a minute.
+        settings = {"INFERQ_REQUEST_TIMEOUT": "60", "INFERQ_BATCH_TICK": "0.2"}
+        env = stack_env(fuzz_redis, database_url, models, port, INFERQ_BATCH_LEASE="10", **settings)
+        yield from _run(root, env, port=port, redis_url=fuzz_redis, database_url=database_url)
+
+
+def _run(
+    root: Path, env: dict[str, str], *, port: int, redis_url: str, database_url: str
+) -> Iterator[FuzzStack]:
+    """The API and both workers, each under MEMORY_LIMIT, until the session ends."""
     log_path = root / "stack.log"
-    assert inferq(["migrate"], env, log_path).wait(60) == 0, log_path.read_text()
+    migrate(env, log_path)
     api = spawn(["api"], env, log_path)
-    stack = FuzzStack(f"http://127.0.0.1:{port}", env, log_path, fuzz_redis, database_url)
+    stack = FuzzStack(f"http://127.0.0.1:{port}", env, log_path, redis_url, database_url)
     try:
         wait_status(stack.url + "/v1/models", 200, 30, log_path)
         for model in (CHAT_MODEL, EMBED_MODEL):
@@ -173,6 +153,3 @@ def fuzz_stack(
         stop(api)
         for process in stack.workers.values():
             stop(process)
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
-        admin.dispose()

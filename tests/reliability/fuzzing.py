@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
+from hypothesis import HealthCheck, Phase, settings
 
 from tests.reliability.fuzz_stack import PROBES, FuzzStack
 
@@ -38,6 +39,24 @@ DEATH_NOTICE_SECONDS = 6.0
 PROBE_SECONDS = 10.0
 # Dead or wedged workers after which a sweep stops.
 MAX_TROUBLES = 3
+
+
+def fuzz_settings(examples: int, *, derandomize: bool = True, **extra: Any) -> settings:
+    """Hypothesis as every fuzzer here runs it: reproducible by default, no
+    example database, no deadline or health check (a live server is slow and
+    uneven), and no shrinking: nothing is raised inside, so there is nothing
+    to shrink; the judge keeps the shortest body per distinct failure instead."""
+    return settings(
+        max_examples=examples,
+        derandomize=derandomize,
+        database=None,
+        deadline=None,
+        suppress_health_check=list(HealthCheck),
+        phases=[Phase.explicit, Phase.generate],
+        **extra,
+    )
+
+
 # How long a wedged worker is given to serve again before fuzzing goes on.
 SETTLE_SECONDS = 120.0
 

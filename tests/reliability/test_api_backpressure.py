@@ -17,8 +17,8 @@ import pytest
 import redis
 
 from schemas import keys
-from tests.support.stack import MODEL, Stack
 from tests.support.procs import free_port, inferq, stop, wait_status
+from tests.support.stack import MODEL, Stack
 
 pytestmark = pytest.mark.timeout(180)
 

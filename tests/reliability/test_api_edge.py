@@ -13,8 +13,8 @@ import httpx
 import openai
 import pytest
 
-from tests.support.stack import MODEL, Stack
 from tests.support.procs import free_port, inferq, stop, wait_status
+from tests.support.stack import MODEL, Stack
 
 pytestmark = pytest.mark.timeout(120)
 

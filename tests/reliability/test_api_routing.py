@@ -6,10 +6,6 @@ to the embedding model; /apply-template renders the chat template."""
 
 from __future__ import annotations
 
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,22 +13,12 @@ import httpx
 import openai
 import pytest
 
-from tests.support.procs import base_env, free_port, stop, wait_status
+from tests.support.procs import inferq_up
 from tests.support.tinybert import write_tiny_bert
 
 pytestmark = pytest.mark.timeout(180)
 
 MESSAGES = [{"role": "user", "content": "hi"}]
-
-
-def _wait_ready(base: str, model: str, log: Path) -> None:
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        data = httpx.get(base + "/v1/models", timeout=5).json()["data"]
-        if any(m["id"] == model and m["ready"] for m in data):
-            return
-        time.sleep(0.2)
-    raise AssertionError(log.read_text(errors="replace")[-3000:])
 
 
 @pytest.fixture(scope="module")
@@ -52,24 +38,8 @@ def url(tmp_path_factory: pytest.TempPathFactory, tiny_gguf: Path) -> Iterator[s
         "threads: 1\ntemplate:\n  chat: \"{% for m in messages %}[{{ m['role'] }}] "
         "{{ m['content'] }}\\n{% endfor %}[assistant] \"\n"
     )
-    port = free_port()
-    log = root / "up.log"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "inferq", "up"],
-        cwd=root,
-        env=base_env(INFERQ_PORT=str(port)),
-        stdout=log.open("ab"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_status(base + "/health", 200, 90, log)
-        for model in ("all-minilm", "tinychat"):
-            _wait_ready(base, model, log)
-        yield base
-    finally:
-        stop(process, signal.SIGINT, timeout=40)
+    with inferq_up(root, models=("all-minilm", "tinychat")) as up:
+        yield up.url
 
 
 def test_any_name_reaches_the_only_model_of_a_capability(url: str) -> None:

@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 
 from api.batches.scheduler import BatchScheduler
-from api.batches.validate import Line
 from schemas import batches as b
+from schemas.batch_lines import Line
 from tests.reliability.batch_bench import Bench, chat_lines
 
 LINES = 12

@@ -12,8 +12,8 @@ from sqlalchemy import update
 from sqlalchemy.exc import DataError
 
 from api.batches import store
-from api.batches.validate import Line
 from schemas import batches as b
+from schemas.batch_lines import Line
 from schemas.tables import BATCH_LINES, BATCHES
 from tests.reliability.batch_bench import CHAT, Bench, chat_lines
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, text
 
-from tests.support.batches import chat_line, read_lines, submit, wait
-from tests.api.batches.test_durability import Durable, durable
+from tests.support.batches import numbered_lines, output_in_order, submit, wait
+from tests.support.fleet import Fleet, durable
 from tests.support.procs import free_port, inferq, stop, wait_status
 
 __all__ = ["durable"]
@@ -36,23 +36,20 @@ def _epoch(log: Path) -> int:
     return max(found, default=0)
 
 
-def test_two_api_processes_never_move_a_batch_twice(durable: Durable, tmp_path: Path) -> None:
+def test_two_api_processes_never_move_a_batch_twice(durable: Fleet, tmp_path: Path) -> None:
     second_log = tmp_path / "api2.log"
     second_url = f"http://127.0.0.1:{free_port()}"
     env = {**durable.env, "INFERQ_PORT": second_url.rsplit(":", 1)[1]}
     second = inferq(["api"], env, second_log)
+    first = durable.running_api()
     try:
         wait_status(second_url + "/v1/models", 200, 30, second_log)
         apis: dict[str, tuple[subprocess.Popen[bytes], Path]] = {
-            "first": (durable.procs["api"], durable.log),
+            "first": (first, durable.log),
             "second": (second, second_log),
         }
-        client = durable.client()
-        lines = [
-            chat_line(f"line-{i}", f"tell me about {i}", max_tokens=96, ignore_eos=True, seed=i)
-            for i in range(LINES)
-        ]
-        batch = submit(client, lines)
+        client = durable.client(max_retries=5)
+        batch = submit(client, numbered_lines(LINES, max_tokens=96))
         takeovers = 0
         for _ in range(2):
             # The leader is the process that took the newest epoch.
@@ -86,16 +83,9 @@ def test_two_api_processes_never_move_a_batch_twice(durable: Durable, tmp_path: 
         stop(second, signal.SIGKILL)
     assert takeovers == 2
     assert done.status == "completed", done
-    counts = done.request_counts
-    assert counts is not None and (counts.total, counts.completed, counts.failed) == (
-        LINES,
-        LINES,
-        0,
-    )
-    output = read_lines(client, done.output_file_id)
-    assert [line["custom_id"] for line in output] == [f"line-{i}" for i in range(LINES)]
+    output = output_in_order(client, done, LINES)
     assert all(line["response"]["status_code"] == 200 for line in output)
-    engine = create_engine(durable.env["DATABASE_URL"])
+    engine = create_engine(durable.database_url)
     try:
         with engine.connect() as conn:
             rows = conn.execute(

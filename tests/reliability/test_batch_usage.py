@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from datetime import timedelta
-
-from sqlalchemy import update
 
 from api.batches import feeding
 from schemas import batches as b
@@ -43,33 +40,18 @@ def test_a_stale_lease_holder_writes_nothing(bench: Bench) -> None:
     )
     try:
         line = (BATCH_LINES.c.batch_id == batch_id) & (BATCH_LINES.c.line == 0)
-        with bench.db.begin() as conn:
-            # The old worker held it under chunk c-old, and its lease lapsed.
-            conn.execute(
-                update(BATCH_LINES)
-                .where(line)
-                .values(
-                    state=b.RUNNING,
-                    chunk="c-old",
-                    worker="w-old",
-                    attempts=1,
-                    lease_until=utcnow() - timedelta(seconds=1),
-                )
-            )
+        # The old worker held it under chunk c-old, and its lease lapsed.
+        bench.hold(line, chunk="c-old", worker="w-old", attempts=1, lease_s=-1)
         assert scheduler.lead.epoch is not None
         feeding.reclaim(bench.db, bench.settings, scheduler.lead.check)
-        with bench.db.begin() as conn:
-            conn.execute(
-                update(BATCH_LINES)
-                .where(line, BATCH_LINES.c.state == b.PENDING)
-                .values(
-                    state=b.RUNNING,
-                    chunk="c-new",
-                    worker="w-new",
-                    attempts=2,
-                    lease_until=utcnow() + timedelta(seconds=30),
-                )
-            )
+        bench.hold(
+            line,
+            BATCH_LINES.c.state == b.PENDING,
+            chunk="c-new",
+            worker="w-new",
+            attempts=2,
+            lease_s=30,
+        )
         old._write([_outcome(batch_id, "c-old", "stale, before")])
         assert bench.usage_ids() == []
         new._write([_outcome(batch_id, "c-new", "current")])
@@ -130,18 +112,7 @@ def test_an_unstorable_result_fails_its_line_alone(bench: Bench) -> None:
     batch_id = bench.submit(chat_lines(2))
     scheduler = bench.scheduler()
     bench.run_until(scheduler, batch_id, {b.IN_PROGRESS}, 30)
-    with bench.db.begin() as conn:
-        conn.execute(
-            update(BATCH_LINES)
-            .where(BATCH_LINES.c.batch_id == batch_id)
-            .values(
-                state=b.RUNNING,
-                chunk="c",
-                worker="w",
-                attempts=1,
-                lease_until=utcnow() + timedelta(seconds=30),
-            )
-        )
+    bench.hold(BATCH_LINES.c.batch_id == batch_id, chunk="c", worker="w", attempts=1, lease_s=30)
     runner = BulkRunner(
         db=bench.db, worker_id="w", model="tiny", lease=3, runtime=None, embed_runtime=None
     )

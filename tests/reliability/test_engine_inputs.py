@@ -33,6 +33,15 @@ Body = dict[str, Any]
 # timeout is 60 s: a dead or wedged worker would show as a wait that long).
 PROMPT_ANSWER_S = 20.0
 
+# The largest integers the API accepts for these fields (int32, and uint32
+# for the seed): far beyond the tiny model, which the worker must clamp.
+LARGEST = {
+    "top_k": 2**31 - 1,
+    "min_keep": 2**31 - 1,
+    "repeat_last_n": 2**31 - 1,
+    "seed": 2**32 - 1,
+}
+
 
 def _envelope(response: httpx.Response) -> Body:
     assert 400 <= response.status_code < 500, (response.status_code, response.text)
@@ -226,16 +235,7 @@ def test_integers_beyond_their_c_type_are_a_400(
 def test_the_largest_accepted_integers_generate(stack: Stack, same_worker: None) -> None:
     # In range for the API, far beyond the model: the worker clamps them
     # (top_k and min_keep to the vocabulary, repeat_last_n to the context).
-    body = {
-        "prompt": "hello",
-        "n_predict": 4,
-        "top_k": 2**31 - 1,
-        "min_keep": 2**31 - 1,
-        "repeat_last_n": 2**31 - 1,
-        "repeat_penalty": 1.2,
-        "seed": 2**32 - 1,
-        "n_probs": 20,
-    }
+    body = {"prompt": "hello", "n_predict": 4, **LARGEST, "repeat_penalty": 1.2, "n_probs": 20}
     response, _ = _post(stack, "/completion", body)
     assert response.status_code == 200, response.text
     out = response.json()
@@ -370,15 +370,7 @@ def test_raw_jobs_with_prompt_ids_outside_the_vocabulary_are_a_400(
         {"grammar": 'root ::= "a"', "ignore_eos": True, "max_tokens": 8},
         {"grammar": "root ::= [z-a]", "max_tokens": 8},
         {"json_schema": {"const": 1}, "ignore_eos": True, "max_tokens": 32, "temperature": 0},
-        {
-            "top_k": 2**31 - 1,
-            "min_keep": 2**31 - 1,
-            "repeat_last_n": 2**31 - 1,
-            "repeat_penalty": 1.3,
-            "seed": 2**32 - 1,
-            "logprobs": 20,
-            "max_tokens": 4,
-        },
+        {**LARGEST, "repeat_penalty": 1.3, "logprobs": 20, "max_tokens": 4},
         {"samplers": ["nonsense", "top_k", "temperature", "temperature"], "max_tokens": 4},
         {"mirostat": 2, "mirostat_tau": 3.4e38, "mirostat_eta": 3.4e38, "max_tokens": 4},
         {"temperature": 3.4e38, "max_tokens": 4},

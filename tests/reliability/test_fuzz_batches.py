@@ -30,12 +30,12 @@ from typing import Any
 
 import httpx
 import pytest
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.reliability.fuzz_routes import CHAT_PATCHES, GENERATION_PATCHES, merged
 from tests.reliability.fuzz_stack import FuzzStack
-from tests.reliability.fuzzing import Judge, envelope_problem
+from tests.reliability.fuzzing import Judge, envelope_problem, fuzz_settings
 from tests.reliability.hostile import CHAT_MODEL, EDGE_VALUES, EMBED_MODEL, dumps, nested
 
 EXAMPLES = max(6, int(os.environ.get("INFERQ_FUZZ_EXAMPLES", "60")) // 10)
@@ -330,14 +330,7 @@ def batch_file(draw: st.DrawFn) -> tuple[str, bytes, set[str]]:
 @pytest.mark.timeout(120 + 150 * EXAMPLES)
 def test_mutated_batch_files(batches: BatchJudge) -> None:
     @given(case=batch_file())
-    @settings(
-        max_examples=EXAMPLES,
-        derandomize=True,
-        database=None,
-        deadline=None,
-        suppress_health_check=list(HealthCheck),
-        phases=[Phase.explicit, Phase.generate],
-    )
+    @fuzz_settings(EXAMPLES)
     def fuzz(case: tuple[str, bytes, set[str]]) -> None:
         if batches.judge.exhausted():
             return

@@ -27,30 +27,17 @@ from __future__ import annotations
 import os
 
 import pytest
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.reliability.fuzz_routes import ROUTE_IDS, ROUTES, Route, merged, mutated_body
 from tests.reliability.fuzz_stack import FuzzStack
-from tests.reliability.fuzzing import Judge
+from tests.reliability.fuzzing import Judge, fuzz_settings
 from tests.reliability.hostile import dumps, junk_body
 
 EXAMPLES = int(os.environ.get("INFERQ_FUZZ_EXAMPLES", "60"))
 # Seconds per example at worst (a worker death, its notice and a restart).
 _BUDGET = 120 + 3 * EXAMPLES
-
-
-def _settings(examples: int) -> settings:
-    return settings(
-        max_examples=examples,
-        derandomize=True,
-        database=None,
-        deadline=None,
-        suppress_health_check=list(HealthCheck),
-        # Nothing is raised inside, so there is nothing to shrink; the judge
-        # keeps the shortest body per distinct failure instead.
-        phases=[Phase.explicit, Phase.generate],
-    )
 
 
 @pytest.mark.timeout(300)
@@ -74,7 +61,7 @@ def test_mutated_bodies(fuzz_stack: FuzzStack, route: Route) -> None:
     judge = Judge(fuzz_stack)
 
     @given(body=mutated_body(route))
-    @_settings(EXAMPLES)
+    @fuzz_settings(EXAMPLES)
     def fuzz(body: bytes) -> None:
         if not judge.exhausted():
             judge.send(route.path, body, model=route.model)
@@ -109,7 +96,7 @@ def test_junk_bodies(fuzz_stack: FuzzStack) -> None:
         # A web page the user visits sends its Origin; curl sends none.
         origin=st.sampled_from((None, None, "https://attacker.example", "null")),
     )
-    @_settings(EXAMPLES)
+    @fuzz_settings(EXAMPLES)
     def fuzz(route: Route, body: bytes, content_type: str | None, origin: str | None) -> None:
         if not judge.exhausted():
             judge.send(

@@ -26,13 +26,13 @@ from typing import Any
 import httpx
 import pytest
 import schemathesis
-from hypothesis import HealthCheck, Phase, settings
 from hypothesis.errors import FlakyStrategyDefinition
 from schemathesis import Case
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import response_schema_conformance
 
 from tests.reliability.fuzz_stack import FuzzStack
+from tests.reliability.fuzzing import fuzz_settings
 from tests.reliability.hostile import CHAT_MODEL
 
 SCENARIOS = max(60, int(os.environ.get("INFERQ_FUZZ_EXAMPLES", "60")))
@@ -116,16 +116,12 @@ def test_files_and_batches_stateful(fuzz_stack: FuzzStack) -> None:
             break
         try:
             Workflow.run(
-                settings=settings(
-                    max_examples=SCENARIOS,
-                    stateful_step_count=STEPS,
+                settings=fuzz_settings(
+                    SCENARIOS,
                     # The first run is the same every time; later ones
                     # explore from wherever the server's state now is.
                     derandomize=attempt == 0,
-                    database=None,
-                    deadline=None,
-                    suppress_health_check=list(HealthCheck),
-                    phases=[Phase.explicit, Phase.generate],
+                    stateful_step_count=STEPS,
                 )
             )
         except FlakyStrategyDefinition:

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.reliability.fleet import MODEL, Fleet, fleet
+from tests.support.fleet import LONG_STREAM, MODEL, Fleet, fleet, long_chat_stream
 
 # Seconds a request may take to fail while Redis is down (INFERQ_REDIS_TIMEOUT
 # is 3 s; a refused connection fails faster).
@@ -41,24 +41,18 @@ def _envelope(response: httpx.Response) -> dict[str, object]:
     return dict(error)
 
 
+def _skip_to_content(lines: Iterator[str]) -> None:
+    """Read the stream until its first content: generation is under way."""
+    for line in lines:
+        if '"content"' in line:
+            break
+
+
 def test_redis_outage_then_recovery(deploy: Fleet) -> None:
-    body = {
-        "model": MODEL,
-        "stream": True,
-        "max_tokens": 4000,
-        "ignore_eos": True,
-        "messages": [{"role": "user", "content": "tell me everything"}],
-    }
     # A stream open when Redis goes: it ends with an error event and [DONE].
-    with (
-        httpx.Client(timeout=httpx.Timeout(30.0, read=15.0)) as client,
-        client.stream("POST", deploy.url + "/v1/chat/completions", json=body) as response,
-    ):
+    with long_chat_stream(deploy.url) as (response, lines):
         assert response.status_code == 200
-        lines = response.iter_lines()
-        for line in lines:
-            if '"content"' in line:
-                break
+        _skip_to_content(lines)
         deploy.stop_redis()
         gone = time.monotonic()
         rest = [line for line in lines if line.startswith("data: ")]
@@ -101,7 +95,10 @@ def test_redis_outage_then_recovery(deploy: Fleet) -> None:
     log.info("served again %.2f s after Redis came back", time.monotonic() - back)
     assert httpx.get(deploy.url + "/health", timeout=10).status_code == 200
     with httpx.stream(
-        "POST", deploy.url + "/v1/chat/completions", json={**body, "max_tokens": 8}, timeout=30
+        "POST",
+        deploy.url + "/v1/chat/completions",
+        json={**LONG_STREAM, "max_tokens": 8},
+        timeout=30,
     ) as streamed:
         assert streamed.status_code == 200
         data = [line for line in streamed.iter_lines() if line.startswith("data: ")]
@@ -115,22 +112,9 @@ def test_pubsub_connection_cut_ends_open_streams(deploy: Fleet) -> None:
     a proxy or a network blip does): redis-py reconnects on its own, and the
     events published meanwhile are gone, so the open stream must end with an
     error rather than go on with a hole in it (or wait for an end it missed)."""
-    body = {
-        "model": MODEL,
-        "stream": True,
-        "max_tokens": 4000,
-        "ignore_eos": True,
-        "messages": [{"role": "user", "content": "tell me everything"}],
-    }
-    with (
-        httpx.Client(timeout=httpx.Timeout(30.0, read=15.0)) as client,
-        client.stream("POST", deploy.url + "/v1/chat/completions", json=body) as response,
-    ):
+    with long_chat_stream(deploy.url) as (response, lines):
         assert response.status_code == 200
-        lines = response.iter_lines()
-        for line in lines:
-            if '"content"' in line:
-                break
+        _skip_to_content(lines)
         killed = deploy.redis().client_kill_filter(_type="pubsub")
         assert killed >= 1
         cut = time.monotonic()

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -19,7 +18,7 @@ import pytest
 
 from schemas.queue import make_celery
 from schemas.settings import Settings
-from tests.reliability.fleet import MODEL, Fleet, fleet
+from tests.support.fleet import MODEL, Fleet, fleet, long_chat_stream
 
 # What the issue promises: a dead worker's clients know within 5 s.
 DETECT_S = 5.0
@@ -35,17 +34,6 @@ def deploy(tmp_path: Path, tiny_gguf: Path, pg_server_url: str) -> Iterator[Flee
     with fleet(tmp_path, tiny_gguf, pg_server_url, INFERQ_WORKER_START_GRACE=str(GRACE_S)) as stack:
         stack.start_api()
         yield stack
-
-
-def _strike(stack: Fleet, name: str) -> float:
-    """Freeze the worker at once (no further token, no heartbeat), then kill
-    it; the time it went silent."""
-    proc = stack.workers[name]
-    proc.send_signal(signal.SIGSTOP)
-    silent = time.monotonic()
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(10)
-    return silent
 
 
 def _error(body: dict[str, Any]) -> dict[str, Any]:
@@ -76,25 +64,15 @@ def _serves(stack: Fleet) -> httpx.Response:
 
 def test_streamed_client_learns_within_seconds(deploy: Fleet) -> None:
     deploy.start_worker("a")
-    body = {
-        "model": MODEL,
-        "stream": True,
-        "messages": [{"role": "user", "content": "tell me everything"}],
-        **LONG,
-    }
-    with (
-        httpx.Client(timeout=httpx.Timeout(30.0, read=15.0)) as client,
-        client.stream("POST", deploy.url + "/v1/chat/completions", json=body) as response,
-    ):
+    with long_chat_stream(deploy.url, **LONG) as (response, lines):
         assert response.status_code == 200
-        lines = response.iter_lines()
         chunks = []
         for line in lines:
             if line.startswith("data: {") and '"content"' in line:
                 chunks.append(json.loads(line[6:]))
                 if len(chunks) == 3:
                     break
-        silent = _strike(deploy, "a")
+        silent = deploy.strike("a")
         rest = [line for line in lines if line.startswith("data: ")]
         elapsed = time.monotonic() - silent
     # Mid-stream: the answer was cut, then the error, then [DONE].
@@ -118,7 +96,7 @@ def test_non_streamed_client_gets_503_within_seconds(deploy: Fleet) -> None:
     deploy.start_worker("a")
     thread, out = _in_background(lambda: deploy.chat("tell me everything", **LONG))
     deploy.wait_unacked()
-    silent = _strike(deploy, "a")
+    silent = deploy.strike("a")
     thread.join(30)
     response = out["response"]
     elapsed = out["at"] - silent
@@ -154,7 +132,7 @@ def test_job_of_a_dead_worker_runs_on_another(deploy: Fleet) -> None:
     b = deploy.start_worker("b")
     b_id = deploy.live_workers()[b.pid]
     assert "response" not in out, "the first worker finished before it could be killed"
-    silent = _strike(deploy, "a")
+    silent = deploy.strike("a")
     thread.join(120)
     response = out["response"]
     assert response.status_code == 200, response.text
@@ -227,7 +205,7 @@ def test_celery_redelivery_never_runs_a_job_twice(
         stack.start_worker("a")
         thread, out = _in_background(lambda: stack.chat("tell me everything", **LONG))
         stack.wait_unacked()
-        _strike(stack, "a")
+        stack.strike("a")
         thread.join(30)
         assert out["response"].status_code == 503
         client = stack.redis()

@@ -15,11 +15,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from api.errors import APIError
-from api.openai import requests
 from api.embeddings import protocol as embeddings
+from api.embeddings import requests as embedding_requests
+from api.errors import APIError
+from api.generate import protocol as generate
 from api.llama import protocol as llama_server
 from api.openai import protocol as openai
+from api.openai import requests
 from schemas.bounds import MAX_DEPTH, check_value, loads_strict
 from schemas.registry import ModelConfig, Parameters
 from schemas.settings import Settings
@@ -69,7 +71,7 @@ def _completion(body: dict[str, Any]) -> object:
 
 
 def _generate(body: dict[str, Any]) -> object:
-    return openai.GenerateRequest.model_validate({"prompt": "x", **body}).sampling()
+    return generate.GenerateRequest.model_validate({"prompt": "x", **body}).sampling()
 
 
 def _llama(body: dict[str, Any]) -> object:
@@ -79,12 +81,12 @@ def _llama(body: dict[str, Any]) -> object:
 
 def _embedding(body: dict[str, Any]) -> object:
     request = embeddings.EmbeddingRequest.model_validate({"input": "x", **body})
-    return requests.embedding_job(request, "m", CONFIG)
+    return embedding_requests.embedding_job(request, "m", CONFIG)
 
 
 def _rerank(body: dict[str, Any]) -> object:
     request = embeddings.RerankRequest.model_validate({"query": "q", "documents": ["d"], **body})
-    return requests.rerank_job(request, "m")
+    return embedding_requests.rerank_job(request, "m")
 
 
 BUILDERS: list[Callable[[dict[str, Any]], object]] = [
@@ -167,5 +169,5 @@ def test_limits_from_settings() -> None:
         requests.chat_job(wide, "m", CONFIG, limits)
     assert caught.value.param == "n"
     with pytest.raises(APIError) as caught:
-        requests.check_inputs(3, "input", limits)
+        embedding_requests.check_inputs(3, "input", limits)
     assert caught.value.param == "input"

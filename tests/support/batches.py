@@ -84,3 +84,26 @@ def by_custom_id(lines: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         assert line["custom_id"] not in out, f"{line['custom_id']} appears twice"
         out[line["custom_id"]] = line
     return out
+
+
+def numbered_lines(count: int, *, max_tokens: int) -> list[dict[str, Any]]:
+    """`count` chat lines `line-0`, `line-1`, ..., each generating exactly
+    `max_tokens` tokens (a seed of its own, EOS ignored)."""
+    return [
+        chat_line(f"line-{i}", f"tell me about {i}", max_tokens=max_tokens, ignore_eos=True, seed=i)
+        for i in range(count)
+    ]
+
+
+def output_in_order(client: openai.OpenAI, batch: Batch, count: int) -> list[dict[str, Any]]:
+    """The output of a batch of `numbered_lines(count)` that completed them
+    all: every line exactly once, in input order."""
+    counts = batch.request_counts
+    assert counts is not None and (counts.total, counts.completed, counts.failed) == (
+        count,
+        count,
+        0,
+    )
+    output = read_lines(client, batch.output_file_id)
+    assert [line["custom_id"] for line in output] == [f"line-{i}" for i in range(count)]
+    return output

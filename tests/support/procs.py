@@ -8,6 +8,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -20,10 +23,13 @@ def free_port() -> int:
         return port
 
 
-def inferq(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+def inferq(
+    args: list[str], env: dict[str, str], log: Path, *, cwd: Path | None = None
+) -> subprocess.Popen[bytes]:
     handle = log.open("ab")
     return subprocess.Popen(
         [sys.executable, "-m", "inferq", *args],
+        cwd=cwd,
         env=env,
         stdout=handle,
         stderr=subprocess.STDOUT,
@@ -66,3 +72,46 @@ def base_env(**extra: str) -> dict[str, str]:
     env.update(extra)
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+def wait_models_ready(base: str, models: Sequence[str], log: Path, timeout: float = 90) -> None:
+    """Until /v1/models says every one of `models` is ready (its worker is up)."""
+    deadline = time.monotonic() + timeout
+    for model in models:
+        while True:
+            data = httpx.get(base + "/v1/models", timeout=5).json()["data"]
+            if any(m["id"] == model and m["ready"] for m in data):
+                break
+            if time.monotonic() > deadline:
+                raise AssertionError(log.read_text(errors="replace")[-3000:])
+            time.sleep(0.2)
+
+
+@dataclass
+class Up:
+    """A running `inferq up`."""
+
+    process: subprocess.Popen[bytes]
+    url: str
+    cwd: Path
+    log: Path
+    env: dict[str, str]
+
+
+@contextmanager
+def inferq_up(root: Path, *, models: Sequence[str] = (), **settings: str) -> Iterator[Up]:
+    """`inferq up` in `root` (its configs in root/models) on a free port, with
+    `settings` in its environment: running, once /health answers and every one
+    of `models` is ready; stopped as Ctrl-C would when the block ends."""
+    port = free_port()
+    env = base_env(INFERQ_PORT=str(port), **settings)
+    log = root / "up.log"
+    process = inferq(["up"], env, log, cwd=root)
+    up = Up(process, f"http://127.0.0.1:{port}", root, log, env)
+    try:
+        wait_status(up.url + "/health", 200, 90, log)
+        # Every model's worker is up, not just the first.
+        wait_models_ready(up.url, models, log)
+        yield up
+    finally:
+        stop(process, signal.SIGINT, timeout=40)

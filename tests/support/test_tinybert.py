@@ -12,13 +12,15 @@ import contextlib
 import ctypes
 import pathlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 
 import llama_cpp
 import numpy as np
 import numpy.typing as npt
 import pytest
 
+from tests.support.llamacpp import Loaded, quiet_backend
+from tests.support.llamacpp import load as load_model
+from tests.support.llamacpp import tokenize as tokenize_text
 from tests.support.tinybert import (
     BERT_CLS_TOKEN_ID,
     BERT_N_EMBD,
@@ -27,16 +29,7 @@ from tests.support.tinybert import (
 )
 from tests.support.tinymodel import write_tiny_bert, write_tiny_reranker
 
-
-def _drop_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-    """Swallow llama.cpp log output so test output stays readable."""
-
-
-# llama.cpp keeps only the raw function pointer: the ctypes callback object
-# must stay referenced for the life of the process or the pointer dangles.
-_LOG_CALLBACK = llama_cpp.llama_log_callback(_drop_log)
-llama_cpp.llama_log_set(_LOG_CALLBACK, ctypes.c_void_p(0))
-llama_cpp.llama_backend_init()
+quiet_backend()
 
 # A non-causal model cannot split a batch into micro-batches (every token
 # attends to its whole sequence), so n_ubatch must cover the largest batch;
@@ -56,37 +49,18 @@ TEXTS = (
 Vector = npt.NDArray[np.float32]
 
 
-@dataclass
-class Loaded:
-    model: llama_cpp.llama_model_p
-    ctx: llama_cpp.llama_context_p
-    vocab: llama_cpp.llama_vocab_p
-
-
 @contextlib.contextmanager
 def load(path: pathlib.Path) -> Iterator[Loaded]:
-    mparams = llama_cpp.llama_model_default_params()
-    mparams.n_gpu_layers = 0
-    model = llama_cpp.llama_model_load_from_file(str(path).encode(), mparams)
-    assert model, f"llama.cpp failed to load {path.name}"
-    cparams = llama_cpp.llama_context_default_params()
-    cparams.n_ctx = N_BATCH
-    cparams.n_batch = N_BATCH
-    cparams.n_ubatch = N_BATCH
-    cparams.n_seq_max = N_SEQ_MAX
-    cparams.n_threads = 2
-    cparams.n_threads_batch = 2
-    cparams.embeddings = True
     # pooling_type stays LLAMA_POOLING_TYPE_UNSPECIFIED: the model's own.
-    ctx = llama_cpp.llama_init_from_model(model, cparams)
-    if not ctx:
-        llama_cpp.llama_model_free(model)
-        pytest.fail("llama.cpp failed to create a context")
-    try:
-        yield Loaded(model, ctx, llama_cpp.llama_model_get_vocab(model))
-    finally:
-        llama_cpp.llama_free(ctx)
-        llama_cpp.llama_model_free(model)
+    with load_model(
+        path,
+        n_ctx=N_BATCH,
+        n_batch=N_BATCH,
+        n_ubatch=N_BATCH,
+        n_seq_max=N_SEQ_MAX,
+        embeddings=True,
+    ) as lm:
+        yield lm
 
 
 @pytest.fixture(scope="module")
@@ -102,12 +76,7 @@ def reranker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Loaded]:
 
 
 def tokenize(lm: Loaded, text: str, *, add_special: bool = True) -> list[int]:
-    data = text.encode("utf-8")
-    n_max = len(data) + 8
-    buf = (llama_cpp.llama_token * n_max)()
-    n = llama_cpp.llama_tokenize(lm.vocab, data, len(data), buf, n_max, add_special, False)
-    assert n >= 0, f"tokenize failed ({n})"
-    return list(buf[:n])
+    return tokenize_text(lm.vocab, text, add_special=add_special, parse_special=False)
 
 
 def pooled(lm: Loaded, inputs: Sequence[list[int]]) -> list[Vector]:

@@ -11,11 +11,11 @@ from __future__ import annotations
 import ctypes
 import pathlib
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import llama_cpp
 import pytest
 
+from tests.support.llamacpp import Loaded, load, quiet_backend, tokenize
 from tests.support.tinymodel import (
     BOS_TOKEN_ID,
     CHAT_TEMPLATE,
@@ -26,26 +26,9 @@ from tests.support.tinymodel import (
     write_tiny_llama,
 )
 
-
-def _drop_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-    """Swallow llama.cpp log output so test output stays readable."""
-
-
-# llama.cpp keeps only the raw function pointer: the ctypes callback object
-# must stay referenced for the life of the process or the pointer dangles.
-_LOG_CALLBACK = llama_cpp.llama_log_callback(_drop_log)
-llama_cpp.llama_log_set(_LOG_CALLBACK, ctypes.c_void_p(0))
-llama_cpp.llama_backend_init()
+quiet_backend()
 
 N_GENERATE = 32
-
-
-@dataclass
-class Loaded:
-    path: pathlib.Path
-    model: llama_cpp.llama_model_p
-    ctx: llama_cpp.llama_context_p
-    vocab: llama_cpp.llama_vocab_p
 
 
 @pytest.fixture
@@ -55,41 +38,8 @@ def tiny_model_path(tmp_path: pathlib.Path) -> pathlib.Path:
 
 @pytest.fixture
 def loaded(tiny_model_path: pathlib.Path) -> Iterator[Loaded]:
-    mparams = llama_cpp.llama_model_default_params()
-    mparams.n_gpu_layers = 0
-    model = llama_cpp.llama_model_load_from_file(str(tiny_model_path).encode(), mparams)
-    assert model, "llama.cpp failed to load the tiny model"
-    cparams = llama_cpp.llama_context_default_params()
-    cparams.n_ctx = 512
-    cparams.n_batch = 512
-    cparams.n_threads = 2
-    cparams.n_threads_batch = 2
-    ctx = llama_cpp.llama_init_from_model(model, cparams)
-    if not ctx:
-        llama_cpp.llama_model_free(model)
-        pytest.fail("llama.cpp failed to create a context")
-    vocab = llama_cpp.llama_model_get_vocab(model)
-    assert vocab is not None
-    try:
-        yield Loaded(tiny_model_path, model, ctx, vocab)
-    finally:
-        llama_cpp.llama_free(ctx)
-        llama_cpp.llama_model_free(model)
-
-
-def tokenize(
-    vocab: llama_cpp.llama_vocab_p,
-    text: str,
-    *,
-    add_special: bool = True,
-    parse_special: bool = True,
-) -> list[int]:
-    data = text.encode("utf-8")
-    n_max = len(data) + 8
-    buf = (llama_cpp.llama_token * n_max)()
-    n = llama_cpp.llama_tokenize(vocab, data, len(data), buf, n_max, add_special, parse_special)
-    assert n >= 0, f"tokenize failed ({n})"
-    return list(buf[:n])
+    with load(tiny_model_path, n_ctx=512, n_batch=512) as lm:
+        yield lm
 
 
 def piece(vocab: llama_cpp.llama_vocab_p, token: int) -> bytes:

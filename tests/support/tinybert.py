@@ -30,6 +30,8 @@ import gguf
 import numpy as np
 import numpy.typing as npt
 
+from tests.support.gguf_file import Shape, write_gguf
+
 __all__ = [
     "BERT_CLS_TOKEN",
     "BERT_CLS_TOKEN_ID",
@@ -73,6 +75,9 @@ _N_FF: Final = 128
 _N_CTX_TRAIN: Final = 512
 _N_TOKEN_TYPES: Final = 2
 _NORM_EPS: Final = 1e-12
+_SHAPE: Final = Shape(
+    n_ctx_train=_N_CTX_TRAIN, n_embd=BERT_N_EMBD, n_layer=_N_LAYER, n_ff=_N_FF, n_head=_N_HEAD
+)
 # Init gains (std * sqrt(fan_in)).  A Q/K gain above 1 keeps attention from
 # being a near-uniform average over the sequence; V/O/FFN gains of 1 keep
 # each residual branch about as large as its input.  With these, different
@@ -157,6 +162,28 @@ def _normal(
     return rng.standard_normal(shape) * std
 
 
+def _linear(
+    tensors: dict[str, npt.NDArray[np.float64]],
+    name: str,
+    rng: np.random.Generator,
+    shape: tuple[int, int],
+    std: float,
+) -> None:
+    """A layer's weight (random, `std`) and then its small random bias."""
+    tensors[name + ".weight"] = _normal(rng, shape, std)
+    tensors[name + ".bias"] = _normal(rng, shape[:1], 0.1)
+
+
+def _norm(
+    tensors: dict[str, npt.NDArray[np.float64]], name: str, rng: np.random.Generator, d: int
+) -> None:
+    """A LayerNorm: gains near 1 and small biases, as in a trained BERT;
+    exactly ones/zeros would leave the norms untested (a wrong weight/bias
+    mapping would go unnoticed)."""
+    tensors[name + ".weight"] = 1.0 + _normal(rng, (d,), 0.1)
+    tensors[name + ".bias"] = _normal(rng, (d,), 0.1)
+
+
 def _weights(n_vocab: int, rng: np.random.Generator) -> dict[str, npt.NDArray[np.float32]]:
     """Build all tensors, in numpy (row-major) shapes and llama.cpp's names.
 
@@ -171,34 +198,22 @@ def _weights(n_vocab: int, rng: np.random.Generator) -> dict[str, npt.NDArray[np
         # only have to exist (the loader checks the shape).
         "token_types.weight": _normal(rng, (_N_TOKEN_TYPES, d), 0.1),
         "position_embd.weight": _normal(rng, (_N_CTX_TRAIN, d), _POS_STD),
-        # Norm gains near 1 and small biases, as in a trained BERT; exactly
-        # ones/zeros would leave the norms untested (a wrong weight/bias
-        # mapping would go unnoticed).
-        "token_embd_norm.weight": 1.0 + _normal(rng, (d,), 0.1),
-        "token_embd_norm.bias": _normal(rng, (d,), 0.1),
     }
+    _norm(tensors, "token_embd_norm", rng, d)
     qk_std = _QK_GAIN / np.sqrt(d)
     vo_std = _VO_GAIN / np.sqrt(d)
     up_std = _FFN_GAIN / np.sqrt(d)
     down_std = _FFN_GAIN / np.sqrt(_N_FF)
     for i in range(_N_LAYER):
         p = f"blk.{i}."
-        tensors[p + "attn_q.weight"] = _normal(rng, (d, d), qk_std)
-        tensors[p + "attn_q.bias"] = _normal(rng, (d,), 0.1)
-        tensors[p + "attn_k.weight"] = _normal(rng, (d, d), qk_std)
-        tensors[p + "attn_k.bias"] = _normal(rng, (d,), 0.1)
-        tensors[p + "attn_v.weight"] = _normal(rng, (d, d), vo_std)
-        tensors[p + "attn_v.bias"] = _normal(rng, (d,), 0.1)
-        tensors[p + "attn_output.weight"] = _normal(rng, (d, d), vo_std)
-        tensors[p + "attn_output.bias"] = _normal(rng, (d,), 0.1)
-        tensors[p + "attn_output_norm.weight"] = 1.0 + _normal(rng, (d,), 0.1)
-        tensors[p + "attn_output_norm.bias"] = _normal(rng, (d,), 0.1)
-        tensors[p + "ffn_up.weight"] = _normal(rng, (_N_FF, d), up_std)
-        tensors[p + "ffn_up.bias"] = _normal(rng, (_N_FF,), 0.1)
-        tensors[p + "ffn_down.weight"] = _normal(rng, (d, _N_FF), down_std)
-        tensors[p + "ffn_down.bias"] = _normal(rng, (d,), 0.1)
-        tensors[p + "layer_output_norm.weight"] = 1.0 + _normal(rng, (d,), 0.1)
-        tensors[p + "layer_output_norm.bias"] = _normal(rng, (d,), 0.1)
+        _linear(tensors, p + "attn_q", rng, (d, d), qk_std)
+        _linear(tensors, p + "attn_k", rng, (d, d), qk_std)
+        _linear(tensors, p + "attn_v", rng, (d, d), vo_std)
+        _linear(tensors, p + "attn_output", rng, (d, d), vo_std)
+        _norm(tensors, p + "attn_output_norm", rng, d)
+        _linear(tensors, p + "ffn_up", rng, (_N_FF, d), up_std)
+        _linear(tensors, p + "ffn_down", rng, (d, _N_FF), down_std)
+        _norm(tensors, p + "layer_output_norm", rng, d)
     return {name: t.astype(np.float32) for name, t in tensors.items()}
 
 
@@ -231,50 +246,45 @@ def _write(
     types: list[int],
     labels: list[str] | None = None,
 ) -> pathlib.Path:
-    writer = gguf.GGUFWriter(path, "bert")
-    writer.add_name(name)
-    writer.add_context_length(_N_CTX_TRAIN)
-    writer.add_embedding_length(BERT_N_EMBD)
-    writer.add_block_count(_N_LAYER)
-    writer.add_feed_forward_length(_N_FF)
-    writer.add_head_count(_N_HEAD)
-    writer.add_layer_norm_eps(_NORM_EPS)
-    # BERT attends in both directions; llama.cpp reads this to build a
-    # non-causal mask (and then needs the whole batch in one ubatch).
-    writer.add_causal_attention(False)
-    writer.add_pooling_type(pooling)
-    if labels is not None:
-        # Its length is llama_model_n_cls_out: the floats per sequence.
-        writer.add_classifier_output_labels(labels)
-    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    def hparams(writer: gguf.GGUFWriter) -> None:
+        writer.add_layer_norm_eps(_NORM_EPS)
+        # BERT attends in both directions; llama.cpp reads this to build a
+        # non-causal mask (and then needs the whole batch in one ubatch).
+        writer.add_causal_attention(False)
+        writer.add_pooling_type(pooling)
+        if labels is not None:
+            # Its length is llama_model_n_cls_out: the floats per sequence.
+            writer.add_classifier_output_labels(labels)
 
-    writer.add_tokenizer_model("bert")
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_type_count(_N_TOKEN_TYPES)
-    # The WPM tokenizer always wraps text as BOS ... SEP, so BOS is [CLS].
-    # EOS = SEP and add_eos make llama-server's rerank prompt
-    # "[CLS] query [SEP] document [SEP]", Hugging Face's sentence-pair form
-    # (the special-token flags are what llama.cpp's converter writes for
-    # BERT tokenizers).
-    writer.add_bos_token_id(BERT_CLS_TOKEN_ID)
-    writer.add_eos_token_id(BERT_SEP_TOKEN_ID)
-    writer.add_sep_token_id(BERT_SEP_TOKEN_ID)
-    writer.add_unk_token_id(BERT_UNK_TOKEN_ID)
-    writer.add_pad_token_id(BERT_PAD_TOKEN_ID)
-    writer.add_mask_token_id(BERT_MASK_TOKEN_ID)
-    writer.add_add_bos_token(True)
-    writer.add_add_eos_token(True)
-    writer.add_add_sep_token(False)
+    def vocab(writer: gguf.GGUFWriter) -> None:
+        writer.add_token_types(types)
+        writer.add_token_type_count(_N_TOKEN_TYPES)
+        # The WPM tokenizer always wraps text as BOS ... SEP, so BOS is [CLS].
+        # EOS = SEP and add_eos make llama-server's rerank prompt
+        # "[CLS] query [SEP] document [SEP]", Hugging Face's sentence-pair form
+        # (the special-token flags are what llama.cpp's converter writes for
+        # BERT tokenizers).
+        writer.add_bos_token_id(BERT_CLS_TOKEN_ID)
+        writer.add_eos_token_id(BERT_SEP_TOKEN_ID)
+        writer.add_sep_token_id(BERT_SEP_TOKEN_ID)
+        writer.add_unk_token_id(BERT_UNK_TOKEN_ID)
+        writer.add_pad_token_id(BERT_PAD_TOKEN_ID)
+        writer.add_mask_token_id(BERT_MASK_TOKEN_ID)
+        writer.add_add_bos_token(True)
+        writer.add_add_eos_token(True)
+        writer.add_add_sep_token(False)
 
-    for tensor_name, tensor in tensors.items():
-        writer.add_tensor(tensor_name, tensor)
-
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
+    return write_gguf(
+        path,
+        arch="bert",
+        name=name,
+        shape=_SHAPE,
+        tokenizer="bert",
+        tokens=tokens,
+        tensors=tensors,
+        hparams=hparams,
+        vocab=vocab,
+    )
 
 
 def write_tiny_bert(

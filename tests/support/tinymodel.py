@@ -35,6 +35,7 @@ import gguf
 import numpy as np
 import numpy.typing as npt
 
+from tests.support.gguf_file import Shape, write_gguf
 from tests.support.tinybert import write_tiny_bert, write_tiny_reranker
 
 __all__ = [
@@ -108,6 +109,9 @@ _N_HEAD: Final = 4
 _N_HEAD_KV: Final = 4
 _N_FF: Final = 128
 _N_CTX_TRAIN: Final = 4096
+_SHAPE: Final = Shape(
+    n_ctx_train=_N_CTX_TRAIN, n_embd=_N_EMBD, n_layer=_N_LAYER, n_ff=_N_FF, n_head=_N_HEAD
+)
 _RMS_EPS: Final = 1e-5
 _ROPE_BASE: Final = 10000.0
 # Init gains (std * sqrt(fan_in)) of the random layers, tuned by measuring
@@ -295,40 +299,35 @@ def write_tiny_llama(path: pathlib.Path, *, seed: int = 0, fim: bool = False) ->
     rng = np.random.default_rng(seed)
     tensors = _weights(len(tokens), generated_ids, rng)
 
-    writer = gguf.GGUFWriter(path, "llama")
-    writer.add_name("inferq-tiny-llama")
-    writer.add_context_length(_N_CTX_TRAIN)
-    writer.add_embedding_length(_N_EMBD)
-    writer.add_block_count(_N_LAYER)
-    writer.add_feed_forward_length(_N_FF)
-    writer.add_head_count(_N_HEAD)
-    writer.add_head_count_kv(_N_HEAD_KV)
-    writer.add_rope_dimension_count(_N_EMBD // _N_HEAD)
-    writer.add_rope_freq_base(_ROPE_BASE)
-    writer.add_layer_norm_rms_eps(_RMS_EPS)
-    writer.add_vocab_size(len(tokens))
-    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    def hparams(writer: gguf.GGUFWriter) -> None:
+        writer.add_head_count_kv(_N_HEAD_KV)
+        writer.add_rope_dimension_count(_N_EMBD // _N_HEAD)
+        writer.add_rope_freq_base(_ROPE_BASE)
+        writer.add_layer_norm_rms_eps(_RMS_EPS)
+        writer.add_vocab_size(len(tokens))
 
-    writer.add_tokenizer_model("llama")
-    writer.add_token_list(tokens)
-    writer.add_token_scores(scores)
-    writer.add_token_types(types)
-    writer.add_unk_token_id(UNK_TOKEN_ID)
-    writer.add_bos_token_id(BOS_TOKEN_ID)
-    writer.add_eos_token_id(EOS_TOKEN_ID)
-    # <|im_end|> closes a ChatML turn, so it must end generation (EOG).
-    writer.add_eot_token_id(IM_END_TOKEN_ID)
-    writer.add_add_bos_token(True)
-    writer.add_add_eos_token(False)
-    writer.add_chat_template(CHAT_TEMPLATE)
-    for key, token_id in zip(_FIM_KEYS, fim_ids, strict=False):
-        writer.add_uint32(key, token_id)
+    def vocab(writer: gguf.GGUFWriter) -> None:
+        writer.add_token_scores(scores)
+        writer.add_token_types(types)
+        writer.add_unk_token_id(UNK_TOKEN_ID)
+        writer.add_bos_token_id(BOS_TOKEN_ID)
+        writer.add_eos_token_id(EOS_TOKEN_ID)
+        # <|im_end|> closes a ChatML turn, so it must end generation (EOG).
+        writer.add_eot_token_id(IM_END_TOKEN_ID)
+        writer.add_add_bos_token(True)
+        writer.add_add_eos_token(False)
+        writer.add_chat_template(CHAT_TEMPLATE)
+        for key, token_id in zip(_FIM_KEYS, fim_ids, strict=False):
+            writer.add_uint32(key, token_id)
 
-    for name, tensor in tensors.items():
-        writer.add_tensor(name, tensor)
-
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
+    return write_gguf(
+        path,
+        arch="llama",
+        name="inferq-tiny-llama",
+        shape=_SHAPE,
+        tokenizer="llama",
+        tokens=tokens,
+        tensors=tensors,
+        hparams=hparams,
+        vocab=vocab,
+    )

@@ -10,9 +10,13 @@ from pathlib import Path
 import pytest
 
 from schemas.events import Done, TokenEvent, decode
+from schemas.registry import ModelConfig, Parameters
+from schemas.templates import PromptBuilder
 from workers.engine.llama.engine import LlamaEngine
 from workers.engine.llama.model import ContextOptions, LlamaModel
 from workers.engine.types import EngineRequest, Sampling
+from workers.generate import WorkerRuntime
+from workers.llama_server import shapers
 
 
 class RecordingSink:
@@ -57,6 +61,21 @@ def text_of(request: EngineRequest, sink: RecordingSink) -> str:
     text = request.result.choices[0].text
     assert text is not None
     return text
+
+
+def make_runtime(engine: LlamaEngine, *, wired: bool = True) -> WorkerRuntime:
+    """A generation runtime on `engine` (no Redis, no database: for prepare()
+    and the prompt shapers); `wired`: with llama-server's shapers, as
+    workers.main wires them."""
+    config = ModelConfig(name="tiny", parameters=Parameters(model="tiny.gguf"))
+    prompts = PromptBuilder(
+        config,
+        tokenizer_template=engine.model.metadata("tokenizer.chat_template"),
+        bos_token=engine.model.bos_text,
+        eos_token=engine.model.eos_text,
+    )
+    table = shapers(engine) if wired else {}
+    return WorkerRuntime(config, engine, prompts, None, None, {}, "", table)  # type: ignore[arg-type]
 
 
 @pytest.fixture

@@ -9,25 +9,16 @@ from typing import Any
 
 import pytest
 
-from schemas.jobs import GenerateJob, SamplingOptions
-from schemas.registry import ModelConfig, Parameters
-from tests.workers.conftest import RecordingSink
+from schemas.jobs import GenerateJob
+from schemas.sampling import SamplingOptions
+from tests.workers.conftest import RecordingSink, make_runtime
 from workers.engine.llama.engine import LlamaEngine
 from workers.generate import Rejected, WorkerRuntime, prepare
-from schemas.templates import PromptBuilder
 
 
 @pytest.fixture
 def runtime(engine: tuple[LlamaEngine, RecordingSink]) -> WorkerRuntime:
-    engine_, _ = engine
-    config = ModelConfig(name="tiny", parameters=Parameters(model="tiny.gguf"))
-    prompts = PromptBuilder(
-        config,
-        tokenizer_template=engine_.model.metadata("tokenizer.chat_template"),
-        bos_token=engine_.model.bos_text,
-        eos_token=engine_.model.eos_text,
-    )
-    return WorkerRuntime(config, engine_, prompts, None, None, {})  # type: ignore[arg-type]
+    return make_runtime(engine[0])
 
 
 def _job(sampling: dict[str, Any], **fields: Any) -> GenerateJob:

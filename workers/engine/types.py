@@ -1,21 +1,21 @@
-"""Requests, results and the event sink an engine works with."""
+"""Requests, results and the event sink an engine works with, whichever
+engine it is (nothing here knows llama.cpp)."""
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
 
 from schemas.events import Done, ErrorEvent
 
-# llama-server's sampling defaults, used where a request and the model config
-# say nothing.
-DEFAULT_TEMPERATURE = 0.8
-DEFAULT_TOP_K = 40
-DEFAULT_TOP_P = 0.95
-DEFAULT_MIN_P = 0.05
-DEFAULT_REPEAT_LAST_N = 64
+# Where EmbedRequest reports a failing callback, as the embedding engine logs.
+embed_log = logging.getLogger("inferq.embedding")
 
 # Request priorities: interactive requests always go first; bulk lines take
 # only slots no interactive request is waiting for, and give them back.
@@ -34,16 +34,23 @@ EXPIRE_GRACE_S = 30.0
 
 @dataclass(frozen=True, slots=True)
 class Sampling:
-    """Resolved sampling settings of one request (every choice shares them)."""
+    """The resolved sampling settings an engine runs one request with (every
+    choice shares them): a job's SamplingOptions with each default filled in,
+    a JSON schema already turned into GBNF, text biases already token ids,
+    and the beam settings. Built by the engine's own mapping (for llama.cpp,
+    workers/engine/llama/options.resolve_sampling).
 
-    temperature: float = DEFAULT_TEMPERATURE
-    top_k: int = DEFAULT_TOP_K
-    top_p: float = DEFAULT_TOP_P
-    min_p: float = DEFAULT_MIN_P
+    The defaults below are llama-server's, declared here only: what a
+    request and the model's config leave unset runs with them."""
+
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
     typical_p: float = 1.0
     min_keep: int = 0
     repeat_penalty: float = 1.0
-    repeat_last_n: int = DEFAULT_REPEAT_LAST_N
+    repeat_last_n: int = 64
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     mirostat: int = 0
@@ -148,6 +155,18 @@ def time_budget(
     return max(0.0, queue_timeout + prompt_token_s * prompt + token_s * tokens)
 
 
+def check_fits(
+    prompt_tokens: int, max_tokens: int | None, n: int, *, n_ctx: int, n_slots: int
+) -> None:
+    """Raise unless the prompt (+ max_tokens) fits a slot of `n_ctx` tokens
+    and `n` slots exist."""
+    needed = prompt_tokens + (max_tokens or 1)
+    if prompt_tokens == 0 or needed > n_ctx:
+        raise ContextLengthExceeded(prompt_tokens=prompt_tokens, max_tokens=max_tokens, n_ctx=n_ctx)
+    if n > n_slots:
+        raise TooManyChoices(n, n_slots)
+
+
 class ContextLengthExceeded(ValueError):
     def __init__(self, *, prompt_tokens: int, max_tokens: int | None, n_ctx: int) -> None:
         requested = prompt_tokens + (max_tokens or 0)
@@ -169,3 +188,40 @@ class TooManyChoices(ValueError):
 class InvalidSlot(ValueError):
     def __init__(self, slot: int, slots: int) -> None:
         super().__init__(f"id_slot {slot} does not exist: this worker has slots 0 to {slots - 1}")
+
+
+@dataclass(eq=False)
+class EmbedRequest:
+    """Token lists in; one vector per input out (L2-normalised when
+    `normalize`; rank pooling gives one score per input instead)."""
+
+    inputs: list[list[int]]
+    normalize: bool = True
+    vectors: list[npt.NDArray[np.float32]] = field(default_factory=list)
+    error: str | None = None
+    finished: threading.Event = field(default_factory=threading.Event)
+    _out: dict[int, npt.NDArray[np.float32]] = field(default_factory=dict)
+    # Bulk inputs are packed only after every waiting interactive input.
+    priority: int = INTERACTIVE
+    # Called on the engine thread once `finished` is set; must be cheap.
+    on_finish: Callable[[EmbedRequest], None] | None = None
+
+    def done(self) -> None:
+        if self.finished.is_set():
+            return  # a failed decode ends each request once, whatever it packed
+        self.finished.set()
+        if self.on_finish is not None:
+            try:
+                self.on_finish(self)
+            except Exception:
+                embed_log.exception("embedding finish callback failed")
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self.finished.wait(timeout)
+
+
+def cosine(a: Any, b: Any) -> float:
+    va: Any = np.asarray(a)
+    vb: Any = np.asarray(b)
+    denom = float(np.linalg.norm(va) * np.linalg.norm(vb))
+    return float(np.dot(va, vb) / denom) if denom else 0.0

@@ -3,9 +3,6 @@ tiny BERT embedding model, a tiny reranker and a tiny chat model)."""
 
 from __future__ import annotations
 
-import signal
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +11,7 @@ import numpy as np
 import openai
 import pytest
 
-from tests.support.procs import base_env, free_port, stop, wait_status
+from tests.support.procs import inferq_up
 from tests.support.tinybert import write_tiny_bert, write_tiny_reranker
 
 TEXTS = ["hello world", "the cat sat", "a big dog ran far away"]
@@ -36,37 +33,8 @@ def url(tmp_path_factory: pytest.TempPathFactory, tiny_gguf: Path) -> Iterator[s
         "name: rerank\nparameters:\n  model: rerank.gguf\nreranking: true\npooling: rank\n"
         "threads: 1\n"
     )
-    port = free_port()
-    log = root / "up.log"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "inferq", "up"],
-        cwd=root,
-        env=base_env(INFERQ_PORT=str(port)),
-        stdout=log.open("ab"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_status(base + "/health", 200, 90, log)
-        # Every model's worker is up, not just the first.
-        for model in ("embed", "rerank", "chat"):
-            wait_ready(base, model, log)
-        yield base
-    finally:
-        stop(process, signal.SIGINT, timeout=40)
-
-
-def wait_ready(base: str, model: str, log: Path) -> None:
-    import time
-
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        data = httpx.get(base + "/v1/models").json()["data"]
-        if any(m["id"] == model and m["ready"] for m in data):
-            return
-        time.sleep(0.2)
-    raise AssertionError(log.read_text()[-3000:])
+    with inferq_up(root, models=("embed", "rerank", "chat")) as up:
+        yield up.url
 
 
 def test_openai_client_base64_and_float_agree(url: str) -> None:

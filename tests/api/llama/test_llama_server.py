@@ -16,8 +16,8 @@ import redis
 from sqlalchemy import create_engine, text
 
 from schemas import keys
-from tests.support.stack import MODEL, Stack
 from tests.support.procs import free_port, inferq, stop, wait_status
+from tests.support.stack import MODEL, Stack
 from tests.support.tinymodel import BOS_TOKEN, BOS_TOKEN_ID, CHAT_TEMPLATE
 
 GREEDY = {"prompt": "hello world", "n_predict": 8, "temperature": 0}

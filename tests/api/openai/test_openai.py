@@ -14,8 +14,8 @@ import redis
 from openai.types import Completion
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-from tests.support.stack import MODEL, Stack
 from tests.support.procs import inferq, stop
+from tests.support.stack import MODEL, Stack
 
 MESSAGES = [{"role": "user", "content": "hello world"}]
 

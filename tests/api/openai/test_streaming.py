@@ -11,8 +11,8 @@ import httpx
 import openai
 from openai.types.chat import ChatCompletionChunk
 
-from tests.support.stack import MODEL, Stack
 from tests.support.procs import free_port, inferq, stop, wait_status
+from tests.support.stack import MODEL, Stack
 
 MESSAGES = [{"role": "user", "content": "hello"}]
 

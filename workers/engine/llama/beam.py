@@ -10,17 +10,29 @@ stream inside the next decode, before that decode writes anything)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
-
-import llama_cpp
 
 from schemas.events import ChoiceResult
 from workers.engine.llama.sampling import logprobs_at
 
 if TYPE_CHECKING:
-    from workers.engine.llama.engine import LlamaEngine
+    from workers.engine.llama.model import LlamaModel
     from workers.engine.llama.sequence import Group, Sequence
+
+
+@dataclass(frozen=True)
+class BeamHost:
+    """What beam search needs of the engine running it."""
+
+    model: LlamaModel
+    n_ctx_per_slot: int
+    # Copy one slot's KV cache (and the engine's record of its tokens) into
+    # another: (source slot, target slot).
+    copy_slot: Callable[[int, int], None]
+    # A beam the search no longer continues frees its slot.
+    drop_beam: Callable[[Sequence], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,8 +70,8 @@ class BeamState:
     started: bool = False
 
 
-def _text(engine: LlamaEngine, tokens: list[int]) -> str:
-    return b"".join(engine.model.piece(t) for t in tokens).decode("utf-8", errors="replace")
+def _text(host: BeamHost, tokens: list[int]) -> str:
+    return b"".join(host.model.piece(t) for t in tokens).decode("utf-8", errors="replace")
 
 
 def _stopped_at(text: str, stops: tuple[str, ...]) -> int:
@@ -67,29 +79,29 @@ def _stopped_at(text: str, stops: tuple[str, ...]) -> int:
     return min(hits) if hits else -1
 
 
-def advance(engine: LlamaEngine, group: Group, seqs: list[Sequence]) -> list[ChoiceResult] | None:
+def advance(host: BeamHost, group: Group, seqs: list[Sequence]) -> list[ChoiceResult] | None:
     """One beam step after a decode. Returns the final choices when the
     search is over, else None (each live seq then holds its next token)."""
     state: BeamState = group.beam
     sampling = group.request.sampling
     width = state.width
-    n_vocab = engine.model.n_vocab
+    n_vocab = host.model.n_vocab
     # At the first step every beam holds the same prompt: expand one.
     parents = seqs if state.started else seqs[:1]
     candidates: list[tuple[float, Sequence, int]] = []
     for seq in parents:
         base = state.cumulative.get(id(seq), 0.0)
-        top = logprobs_at(engine.model.ctx, seq.logits_index, n_vocab, 0, 2 * width).top
+        top = logprobs_at(host.model.ctx, seq.logits_index, n_vocab, 0, 2 * width).top
         candidates.extend((base + lp, seq, token) for token, lp in top)
     candidates.sort(key=lambda c: c[0], reverse=True)
     chosen: list[tuple[float, Sequence, int]] = []
     for cumulative, parent, token in candidates:
         history = state.tokens.get(id(parent), [])
-        if engine.model.is_eog(token) and not sampling.ignore_eos:
+        if host.model.is_eog(token) and not sampling.ignore_eos:
             state.finished.append(Hypothesis(history, cumulative, "stop"))
             continue
         new = [*history, token]
-        if sampling.stop and _stopped_at(_text(engine, new), sampling.stop) >= 0:
+        if sampling.stop and _stopped_at(_text(host, new), sampling.stop) >= 0:
             state.finished.append(Hypothesis(new, cumulative, "stop"))
             continue
         chosen.append((cumulative, parent, token))
@@ -99,15 +111,15 @@ def advance(engine: LlamaEngine, group: Group, seqs: list[Sequence]) -> list[Cho
     state.started = True
     step_len = len(state.tokens.get(id(parents[0]), [])) + 1
     prompt_len = len(group.request.prompt_tokens)
-    out_of_room = step_len >= state.max_tokens or prompt_len + step_len >= engine.n_ctx_per_slot
+    out_of_room = step_len >= state.max_tokens or prompt_len + step_len >= host.n_ctx_per_slot
     if out_of_room or not chosen:
         for cumulative, parent, token in chosen:
             tokens = [*state.tokens.get(id(parent), []), token]
             state.finished.append(Hypothesis(tokens, cumulative, "length"))
-        return _results(engine, state, sampling.stop)
+        return _results(host, state, sampling.stop)
     if _done(state, chosen, step_len):
-        return _results(engine, state, sampling.stop)
-    _reassign(engine, state, seqs, chosen)
+        return _results(host, state, sampling.stop)
+    _reassign(host, state, seqs, chosen)
     return None
 
 
@@ -123,7 +135,7 @@ def _done(state: BeamState, chosen: list[tuple[float, Any, int]], length: int) -
 
 
 def _reassign(
-    engine: LlamaEngine,
+    host: BeamHost,
     state: BeamState,
     seqs: list[Sequence],
     chosen: list[tuple[float, Sequence, int]],
@@ -141,13 +153,12 @@ def _reassign(
             plan.append((parent, cumulative, tokens))
             continue
         target = spare.pop()
-        llama_cpp.llama_memory_seq_cp(engine.model.memory, parent.slot, target.slot, -1, -1)
-        engine.copy_slot_tokens(parent.slot, target.slot)
+        host.copy_slot(parent.slot, target.slot)
         plan.append((target, cumulative, tokens))
     # Beams left without a continuation (the others ended as hypotheses)
     # give their slots back rather than decode nothing.
     for seq in spare:
-        engine.drop_beam(seq)
+        host.drop_beam(seq)
     state.cumulative.clear()
     state.tokens.clear()
     for seq, cumulative, tokens in plan:
@@ -157,11 +168,11 @@ def _reassign(
         seq.n_generated = len(tokens)
 
 
-def _results(engine: LlamaEngine, state: BeamState, stops: tuple[str, ...]) -> list[ChoiceResult]:
+def _results(host: BeamHost, state: BeamState, stops: tuple[str, ...]) -> list[ChoiceResult]:
     ranked = sorted(state.finished, key=lambda h: h.score(state.length_penalty), reverse=True)
     results = []
     for index, hypothesis in enumerate(ranked[: state.width]):
-        text = _text(engine, hypothesis.tokens)
+        text = _text(host, hypothesis.tokens)
         at = _stopped_at(text, stops)
         if at >= 0:
             text = text[:at]
@@ -175,3 +186,13 @@ def _results(engine: LlamaEngine, state: BeamState, stops: tuple[str, ...]) -> l
             )
         )
     return results
+
+
+def settle(group: Group, results: list[ChoiceResult]) -> None:
+    """Record the final choices of a finished search on its group."""
+    group.n_generated = sum(r.n_tokens or 0 for r in results)
+    for result in results:
+        group.choices[result.index] = result
+    # Fewer hypotheses than beams can come back (all ended at once).
+    for index in range(len(results), group.n):
+        group.choices[index] = ChoiceResult(index=index, finish_reason="stop", text="")

@@ -19,20 +19,22 @@ import collections
 import ctypes
 import logging
 import math
-import threading
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import llama_cpp
 import numpy as np
-import numpy.typing as npt
 
-from schemas.llama_vocab import init_backend, tokenize
-from workers.engine.types import BULK, INTERACTIVE
+from schemas.llama_vocab import load_model, tokenize
+from workers.engine.llama.lifecycle import EngineThread
+from workers.engine.llama.model import new_context
+from workers.engine.types import BULK, INTERACTIVE, EmbedRequest, cosine
 
 log = logging.getLogger("inferq.embedding")
+
+# EmbedRequest and cosine are engine-neutral (workers.engine.types); they are
+# named here too, beside the engine that fills them.
+__all__ = ["POOLING", "EmbedRequest", "EmbedStats", "EmbeddingEngine", "cosine"]
 
 POOLING = {
     "none": llama_cpp.LLAMA_POOLING_TYPE_NONE,
@@ -43,43 +45,13 @@ POOLING = {
 }
 
 
-@dataclass(eq=False)
-class EmbedRequest:
-    """Token lists in; one vector per input out (L2-normalised when
-    `normalize`; rank pooling gives one score per input instead)."""
-
-    inputs: list[list[int]]
-    normalize: bool = True
-    vectors: list[npt.NDArray[np.float32]] = field(default_factory=list)
-    error: str | None = None
-    finished: threading.Event = field(default_factory=threading.Event)
-    _out: dict[int, npt.NDArray[np.float32]] = field(default_factory=dict)
-    # Bulk inputs are packed only after every waiting interactive input.
-    priority: int = INTERACTIVE
-    # Called on the engine thread once `finished` is set; must be cheap.
-    on_finish: Callable[[EmbedRequest], None] | None = None
-
-    def done(self) -> None:
-        if self.finished.is_set():
-            return  # a failed decode ends each request once, whatever it packed
-        self.finished.set()
-        if self.on_finish is not None:
-            try:
-                self.on_finish(self)
-            except Exception:
-                log.exception("embedding finish callback failed")
-
-    def wait(self, timeout: float | None = None) -> bool:
-        return self.finished.wait(timeout)
-
-
 @dataclass
 class EmbedStats:
     decodes: int = 0
     inputs: int = 0
 
 
-class EmbeddingEngine:
+class EmbeddingEngine(EngineThread):
     def __init__(
         self,
         path: Path,
@@ -91,12 +63,8 @@ class EmbeddingEngine:
         n_threads: int | None = None,
         gpu_layers: int = 0,
     ) -> None:
-        init_backend()
-        mparams = llama_cpp.llama_model_default_params()
-        mparams.n_gpu_layers = 999 if gpu_layers < 0 else gpu_layers
-        model = llama_cpp.llama_model_load_from_file(str(path).encode(), mparams)
-        if not model:
-            raise RuntimeError(f"llama.cpp could not load {path}")
+        super().__init__("embedding-engine")
+        model = load_model(path, gpu_layers=gpu_layers)
         self.model = model
         self.vocab = llama_cpp.llama_model_get_vocab(model)
         # An input may not outrun the model's position embeddings (BERT has
@@ -118,17 +86,10 @@ class EmbeddingEngine:
         cparams.n_ubatch = n_ctx
         cparams.n_seq_max = n_seq
         cparams.kv_unified = True
-        threads = n_threads or 1
-        cparams.n_threads = threads
-        cparams.n_threads_batch = threads
-        cparams.no_perf = True
-        ctx = llama_cpp.llama_init_from_model(model, cparams)
-        if not ctx:
-            llama_cpp.llama_model_free(model)
-            raise RuntimeError(f"llama.cpp could not create an embedding context for {path}")
-        self.ctx = ctx
-        self.memory = llama_cpp.llama_get_memory(ctx)
-        self.pooling = int(llama_cpp.llama_pooling_type(ctx))
+        failure = f"llama.cpp could not create an embedding context for {path}"
+        self.ctx = new_context(model, cparams, threads=n_threads or 1, failure=failure)
+        self.memory = llama_cpp.llama_get_memory(self.ctx)
+        self.pooling = int(llama_cpp.llama_pooling_type(self.ctx))
         if self.pooling == llama_cpp.LLAMA_POOLING_TYPE_NONE:
             raise ValueError(f"{path}: pooling 'none' gives no sequence embeddings")
         self.rank = self.pooling == llama_cpp.LLAMA_POOLING_TYPE_RANK
@@ -148,9 +109,6 @@ class EmbeddingEngine:
             INTERACTIVE: collections.deque(),
             BULK: collections.deque(),
         }
-        self._wake = threading.Condition()
-        self._stopping = False
-        self._thread = threading.Thread(target=self._run, name="embedding-engine", daemon=True)
         self._thread.start()
 
     # -- public -------------------------------------------------------------
@@ -183,10 +141,7 @@ class EmbeddingEngine:
             self._wake.notify()
 
     def close(self) -> None:
-        with self._wake:
-            self._stopping = True
-            self._wake.notify()
-        self._thread.join(timeout=30)
+        self._stop_thread()
         llama_cpp.llama_batch_free(self._batch)
         llama_cpp.llama_free(self.ctx)
         llama_cpp.llama_model_free(self.model)
@@ -260,10 +215,3 @@ class EmbeddingEngine:
             if len(request._out) == len(request.inputs):
                 request.vectors = [request._out[i] for i in range(len(request.inputs))]
                 request.done()
-
-
-def cosine(a: Any, b: Any) -> float:
-    va: Any = np.asarray(a)
-    vb: Any = np.asarray(b)
-    denom = float(np.linalg.norm(va) * np.linalg.norm(vb))
-    return float(np.dot(va, vb) / denom) if denom else 0.0

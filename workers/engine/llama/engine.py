@@ -13,61 +13,54 @@ import collections
 import contextlib
 import itertools
 import logging
-import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import llama_cpp
 
-from schemas.events import (
-    ChoiceResult,
-    Done,
-    ErrorEvent,
-    Usage,
-    encode,
-    encode_token,
-    encode_token_logprobs,
-)
+from schemas.events import Done, ErrorEvent, encode
+from schemas.jobs import GenerateJob
+from schemas.registry import ModelConfig
+from workers.engine.interface import InvalidRequest
 from workers.engine.llama import beam
 from workers.engine.llama.admission import next_request, preempt_for_interactive
 from workers.engine.llama.batch import Batch, plan
-from workers.engine.llama.lifecycle import SHUTTING_DOWN, abandon, error, wait_bounded
+from workers.engine.llama.lifecycle import (
+    SHUTTING_DOWN,
+    EngineThread,
+    abandon,
+    cancelled_answer,
+    error,
+    wait_bounded,
+)
+from workers.engine.llama.limits import check_request, safe_sampling
 from workers.engine.llama.model import LlamaModel
-from workers.engine.llama.sampling import logprob_entry
-from workers.engine.llama.sequence import Group, Sequence
+from workers.engine.llama.options import SamplingError, resolve_sampling
+from workers.engine.llama.sequence import EngineStats, Group, Sequence
 from workers.engine.llama.slots import Slots
 from workers.engine.llama.starting import start
+from workers.engine.llama.tokens import End, Out, close_choice, take_token
 from workers.engine.types import (
     PROMPT_TOKEN_BUDGET_S,
     TOKEN_BUDGET_S,
-    ContextLengthExceeded,
     EngineRequest,
     EventSink,
-    InvalidSlot,
-    TooManyChoices,
+    Sampling,
+    check_fits,
 )
 
 log = logging.getLogger("inferq.engine")
-
-Out = list[tuple[str, bytes]]
 
 
 def _slot_of(seq: Sequence) -> int:
     return seq.slot
 
 
-@dataclass
-class EngineStats:
-    steps: int = 0
-    prompt_tokens_evaluated: int = 0
-    prompt_tokens_cached: int = 0
-    tokens_generated: int = 0
-    preempted: int = 0
+class LlamaEngine(EngineThread):
+    """The llama.cpp GenerationEngine (workers.engine.interface)."""
 
-
-class LlamaEngine:
     def __init__(self, model: LlamaModel, sink: EventSink) -> None:
+        super().__init__("llama-engine")
         self.model = model
         self.sink = sink
         self.n_slots = model.n_slots
@@ -76,40 +69,41 @@ class LlamaEngine:
         self._incoming: collections.deque[EngineRequest] = collections.deque()
         self._arrivals = itertools.count(1)
         self._waiting: collections.deque[EngineRequest] = collections.deque()
-        self._wake = threading.Condition()
         # Tokens whose KV entries each slot holds, for prompt prefix reuse.
         self._slots = Slots(model)
         self._active: list[Sequence] = []
         self._finished: list[EngineRequest] = []
-        self._stopping = False
         self._batch = Batch(model.n_batch)
-        self._thread = threading.Thread(target=self._run, name="llama-engine", daemon=True)
+        self._beams = beam.BeamHost(
+            model, self.n_ctx_per_slot, copy_slot=self._copy_slot, drop_beam=self._drop_beam
+        )
         self._thread.start()
 
     # -- public -------------------------------------------------------------
 
+    @property
+    def tokenizer(self) -> LlamaModel:
+        return self.model
+
+    def sampling_for(self, job: GenerateJob, config: ModelConfig) -> Sampling:
+        """The job's sampling resolved for this model, every value checked or
+        clamped for llama.cpp (workers.engine.llama.limits)."""
+        try:
+            sampling = resolve_sampling(job, config, self.model)
+        except SamplingError as exc:
+            raise InvalidRequest(str(exc), param=exc.param) from exc
+        return safe_sampling(sampling, n_vocab=self.model.n_vocab, n_ctx=self.n_ctx_per_slot)
+
     def check_fits(self, prompt_tokens: int, max_tokens: int | None, n: int = 1) -> None:
         """Raise unless the prompt (+ max_tokens) fits a slot and n slots exist."""
-        needed = prompt_tokens + (max_tokens or 1)
-        if prompt_tokens == 0 or needed > self.n_ctx_per_slot:
-            raise ContextLengthExceeded(
-                prompt_tokens=prompt_tokens, max_tokens=max_tokens, n_ctx=self.n_ctx_per_slot
-            )
-        if n > self.n_slots:
-            raise TooManyChoices(n, self.n_slots)
+        check_fits(prompt_tokens, max_tokens, n, n_ctx=self.n_ctx_per_slot, n_slots=self.n_slots)
 
     def submit(self, *requests: EngineRequest) -> None:
         """Queue requests; several given together join the same step."""
-        n_vocab = self.model.n_vocab
         for request in requests:
-            sampling = request.sampling
-            self.check_fits(len(request.prompt_tokens), sampling.max_tokens, sampling.n)
-            if request.id_slot is not None and not 0 <= request.id_slot < self.n_slots:
-                raise InvalidSlot(request.id_slot, self.n_slots)
-            # llama_decode with a token outside the vocabulary fails the whole
-            # step: such a prompt never gets that far.
-            if not all(0 <= t < n_vocab for t in request.prompt_tokens):
-                raise ValueError(f"the prompt holds token ids outside 0 to {n_vocab - 1}")
+            check_request(
+                request, n_ctx=self.n_ctx_per_slot, n_slots=self.n_slots, n_vocab=self.model.n_vocab
+            )
         with self._wake:
             if self._stopping:
                 # The engine thread is gone or going: nobody else would end these.
@@ -141,6 +135,10 @@ class LlamaEngine:
             token_s=token_s,
         )
 
+    def cancel(self, request: EngineRequest) -> None:
+        # Read by the engine thread at its next step.
+        request.cancel()
+
     def expire(self, request: EngineRequest, reason: str) -> None:
         """End `request` at the next step with a 504 error event."""
         request.expired = reason
@@ -149,11 +147,7 @@ class LlamaEngine:
             self._wake.notify()
 
     def close(self) -> None:
-        with self._wake:
-            self._stopping = True
-            self._wake.notify()
-        self._thread.join(timeout=30)
-        if self._thread.is_alive():
+        if not self._stop_thread():
             # Freeing the context under a running decode would crash: leak it,
             # but end every request, so that no waiter hangs on a dead engine.
             log.error("the engine thread did not stop within 30 s")
@@ -225,7 +219,7 @@ class LlamaEngine:
         for cancelled in [r for r in self._waiting if r.cancelled]:
             self._waiting.remove(cancelled)
             expired = cancelled.expired
-            end = _cancelled(cancelled) if expired is None else error(expired, 504)
+            end = cancelled_answer(cancelled) if expired is None else error(expired, 504)
             self._finish(cancelled, end, out)
         self.stats.preempted += preempt_for_interactive(
             self._waiting, self._active, len(self._slots.free), self._give_back
@@ -273,7 +267,7 @@ class LlamaEngine:
             with self._isolated(seq.group, out, "preparing the batch"):
                 take = chunks.get(id(seq), 0)
                 if take and seq.group.prompt_started is None:
-                    seq.group.prompt_started = _now()
+                    seq.group.prompt_started = time.perf_counter()
                 cached = self._slots.tokens[seq.slot]
                 added, prompt_done = self._batch.lay_out(seq, n, take, cached)
                 self.stats.prompt_tokens_evaluated += take if added else 0
@@ -296,7 +290,7 @@ class LlamaEngine:
         self.stats.steps += 1
         for primary in completed:
             if primary in self._active:
-                primary.group.prompt_done = _now()
+                primary.group.prompt_done = time.perf_counter()
                 with self._isolated(primary.group, out, "forking the choices"):
                     self._fork(primary)
         beams: dict[int, list[Sequence]] = {}
@@ -306,7 +300,11 @@ class LlamaEngine:
                 continue
             if seq.logits_index >= 0 and seq in self._active:
                 with self._isolated(seq.group, out, "sampling"):
-                    self._on_token(seq, seq.sampler.sample(self.model.ctx, seq.logits_index), out)
+                    token = seq.sampler.sample(self.model.ctx, seq.logits_index)
+                    n_ctx, stats = self.n_ctx_per_slot, self.stats
+                    end = take_token(self.model, seq, token, out, n_ctx=n_ctx, stats=stats)
+                    if end is not None:
+                        self._complete(seq, end, out)
 
         for group_seqs in beams.values():
             group = group_seqs[0].group
@@ -327,27 +325,23 @@ class LlamaEngine:
     def _advance_beams(self, seqs: list[Sequence], out: Out) -> None:
         group = seqs[0].group
         if group.first_token_at is None:
-            group.first_token_at = _now()
-        results = beam.advance(self, group, seqs)
+            group.first_token_at = time.perf_counter()
+        results = beam.advance(self._beams, group, seqs)
         if results is None:
             return
         for seq in [s for s in self._active if s.group is group]:
             self._release(seq)
-        group.n_generated = sum(r.n_tokens or 0 for r in results)
+        beam.settle(group, results)
         self.stats.tokens_generated += group.n_generated
-        for result in results:
-            group.choices[result.index] = result
-        # Fewer hypotheses than beams can come back (all ended at once).
-        for index in range(len(results), group.n):
-            group.choices[index] = ChoiceResult(index=index, finish_reason="stop", text="")
         self._finish(group.request, group.result(), out)
 
-    def drop_beam(self, seq: Sequence) -> None:
-        """A beam the search no longer continues frees its slot."""
+    def _drop_beam(self, seq: Sequence) -> None:
         self._release(seq, keep_cache=False)
 
-    def copy_slot_tokens(self, source: int, target: int) -> None:
-        """Beam search copied one slot's KV cache into another."""
+    def _copy_slot(self, source: int, target: int) -> None:
+        """Copy a slot's KV cache into another (llama.cpp does it inside the
+        next decode), and the record of the tokens it holds."""
+        llama_cpp.llama_memory_seq_cp(self.model.memory, source, target, -1, -1)
         self._slots.copy(source, target)
 
     def _fork(self, primary: Sequence) -> None:
@@ -358,66 +352,13 @@ class LlamaEngine:
         for seq in self._active:
             if seq.fork_of is primary:
                 if primary.group.beam is None:
-                    llama_cpp.llama_memory_seq_cp(self.model.memory, primary.slot, seq.slot, -1, -1)
-                    self._slots.copy(primary.slot, seq.slot)
+                    self._copy_slot(primary.slot, seq.slot)
                 seq.fork_of = None
                 seq.n_evaluated = primary.n_evaluated
                 seq.logits_index = primary.logits_index
 
-    def _on_token(self, seq: Sequence, token: int | None, out: Out) -> None:
-        """`token` None: nothing may follow (a grammar that is complete or
-        whose every allowed token is banned): the sequence ends there."""
-        request = seq.request
-        group = seq.group
-        if seq.max_tokens == 0:
-            # llama.cpp's n_predict 0: the prompt is in the cache, nothing more.
-            self._complete(seq, "length", out, "limit")
-            return
-        if group.first_token_at is None:
-            group.first_token_at = _now()
-        if token is None:
-            self._complete(seq, "stop", out, "eos")
-            return
-        if request.sampling.logprobs is not None:
-            entry = logprob_entry(
-                self.model, seq.logits_index, token, seq.request.sampling.logprobs or 0
-            )
-        if self.model.is_eog(token):
-            self._complete(seq, "stop", out, "eos")
-            return
-        seq.n_generated += 1
-        group.n_generated += 1
-        self.stats.tokens_generated += 1
-        seq.last_token = token
-        text = seq.text.push(self.model.piece(token))
-        if request.sampling.logprobs is not None:
-            seq.logprobs.append(entry)
-            seq.pending_logprobs.append(entry)
-        if request.streams:
-            self._emit(seq, text, out)
-        if seq.text.stopped:
-            self._complete(seq, "stop", out, "word")
-        elif (
-            seq.n_generated >= seq.max_tokens
-            or len(request.prompt_tokens) + seq.n_generated >= self.n_ctx_per_slot
-        ):
-            self._complete(seq, "length", out, "limit")
-
-    def _emit(self, seq: Sequence, text: str, out: Out) -> None:
-        request_id = seq.request.request_id
-        if seq.request.sampling.logprobs is None:
-            if text:
-                out.append((request_id, encode_token(seq.index, text)))
-        elif text or seq.text.stopped:
-            out.append((request_id, encode_token_logprobs(seq.index, text, seq.pending_logprobs)))
-            seq.pending_logprobs = []
-
-    def _complete(self, seq: Sequence, reason: str, out: Out, stop_type: str) -> None:
-        if not seq.text.stopped:
-            tail = seq.text.finish()
-            if seq.request.streams and (tail or seq.pending_logprobs):
-                self._emit(seq, tail, out)
-        seq.group.choices[seq.index] = seq.finish(reason, stop_type)
+    def _complete(self, seq: Sequence, end: End, out: Out) -> None:
+        close_choice(seq, end, out)
         self._release(seq)
         if seq.group.complete:
             self._finish(seq.request, seq.group.result(), out)
@@ -428,9 +369,7 @@ class LlamaEngine:
             return
         for seq in [s for s in self._active if s.group is group]:
             self._release(seq)
-        result = group.result()
-        choices = [ChoiceResult(index=i, finish_reason="cancelled") for i in range(group.n)]
-        self._finish(group.request, Done(choices, result.usage, None, result.duration_ms), out)
+        self._finish(group.request, cancelled_answer(group.request, group.result()), out)
 
     def _fail(self, group: Group, out: Out, message: str, status: int = 500) -> None:
         for seq in [s for s in self._active if s.group is group]:
@@ -455,12 +394,3 @@ class LlamaEngine:
         if request.publish:
             out.append((request.request_id, encode(result)))
         self._finished.append(request)
-
-
-def _cancelled(request: EngineRequest) -> Done:
-    choices = [ChoiceResult(index=i, finish_reason="cancelled") for i in range(request.sampling.n)]
-    return Done(choices=choices, usage=Usage(len(request.prompt_tokens), 0))
-
-
-def _now() -> float:
-    return time.perf_counter()

@@ -6,9 +6,10 @@ without a bound."""
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+import threading
+from typing import Protocol
 
-from schemas.events import Done, ErrorEvent, encode
+from schemas.events import ChoiceResult, Done, ErrorEvent, Usage, encode
 from workers.engine.types import (
     EXPIRE_GRACE_S,
     EngineRequest,
@@ -16,18 +17,59 @@ from workers.engine.types import (
     time_budget,
 )
 
-if TYPE_CHECKING:
-    from workers.engine.llama.engine import LlamaEngine
-
 log = logging.getLogger("inferq.engine")
 
 SHUTTING_DOWN = "worker shutting down"
+
+
+class EngineThread:
+    """The one thread an engine runs on, the condition that wakes it, and the
+    flag (read and written under that condition) that tells it to stop.
+    Subclasses implement `_run` and start `_thread` once they are set up."""
+
+    def __init__(self, name: str) -> None:
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+    def _stop_thread(self, timeout: float = 30.0) -> bool:
+        """Tell the engine thread to stop and wait for it; False when it is
+        still running after `timeout` seconds."""
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        self._thread.join(timeout=timeout)
+        return not self._thread.is_alive()
+
+
+class Expirable(Protocol):
+    """What a bounded wait needs of the engine running the request."""
+
+    @property
+    def n_ctx_per_slot(self) -> int: ...
+
+    @property
+    def sink(self) -> EventSink: ...
+
+    def expire(self, request: EngineRequest, reason: str) -> None: ...
 
 
 def error(message: str, status: int = 500) -> ErrorEvent:
     if status == 504:
         return ErrorEvent(message=message, status=504, code="timeout")
     return ErrorEvent(message=message, status=status)
+
+
+def cancelled_answer(request: EngineRequest, progress: Done | None = None) -> Done:
+    """The answer of a cancelled request: every choice cancelled, with the
+    usage and duration of what it ran (`progress`), if it started."""
+    choices = [ChoiceResult(index=i, finish_reason="cancelled") for i in range(request.sampling.n)]
+    if progress is None:
+        return Done(choices=choices, usage=Usage(len(request.prompt_tokens), 0))
+    return Done(choices, progress.usage, None, progress.duration_ms)
 
 
 def abandon(sink: EventSink, requests: list[EngineRequest], message: str, status: int) -> None:
@@ -45,7 +87,7 @@ def abandon(sink: EventSink, requests: list[EngineRequest], message: str, status
 
 
 def wait_bounded(
-    engine: LlamaEngine,
+    engine: Expirable,
     request: EngineRequest,
     *,
     queue_timeout: float,

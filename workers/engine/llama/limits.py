@@ -11,8 +11,9 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from workers.engine.interface import InvalidRequest
 from workers.engine.llama.gbnf import nesting
-from workers.engine.types import Sampling
+from workers.engine.types import EngineRequest, InvalidSlot, Sampling, check_fits
 
 INT32_MAX = 2**31 - 1
 
@@ -24,12 +25,11 @@ MAX_GRAMMAR_CHARS = 256 * 1024
 MAX_GRAMMAR_NESTING = 64
 
 
-class UnsafeValue(ValueError):
+class UnsafeValue(InvalidRequest):
     """A value llama.cpp cannot take (a 400 naming `param`)."""
 
     def __init__(self, message: str, param: str) -> None:
-        super().__init__(message)
-        self.param = param
+        super().__init__(message, param=param)
 
 
 _FLOATS = (
@@ -84,6 +84,21 @@ def safe_sampling(sampling: Sampling, *, n_vocab: int, n_ctx: int) -> Sampling:
         repeat_last_n=last_n,
         logprobs=None if sampling.logprobs is None else max(0, min(sampling.logprobs, n_vocab)),
     )
+
+
+def check_request(request: EngineRequest, *, n_ctx: int, n_slots: int, n_vocab: int) -> None:
+    """Raise unless `request` can be handed to the engine: it fits a slot, its
+    slot exists, and every prompt token is in the vocabulary."""
+    sampling = request.sampling
+    check_fits(
+        len(request.prompt_tokens), sampling.max_tokens, sampling.n, n_ctx=n_ctx, n_slots=n_slots
+    )
+    if request.id_slot is not None and not 0 <= request.id_slot < n_slots:
+        raise InvalidSlot(request.id_slot, n_slots)
+    # llama_decode with a token outside the vocabulary fails the whole step:
+    # such a prompt never gets that far.
+    if not all(0 <= t < n_vocab for t in request.prompt_tokens):
+        raise ValueError(f"the prompt holds token ids outside 0 to {n_vocab - 1}")
 
 
 def check_grammar_text(grammar: str) -> None:

@@ -11,12 +11,26 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import llama_cpp
 
-from schemas.llama_vocab import init_backend, token_piece, tokenize
+from schemas.llama_vocab import load_model, token_piece, tokenize
 
 log = logging.getLogger("inferq.llama")
+
+
+def new_context(model: Any, cparams: Any, *, threads: int, failure: str) -> Any:
+    """A llama_context on `model` computing on `threads` threads; when llama.cpp
+    cannot make one the model is freed and RuntimeError(failure) raised."""
+    cparams.n_threads = threads
+    cparams.n_threads_batch = threads
+    cparams.no_perf = True
+    ctx = llama_cpp.llama_init_from_model(model, cparams)
+    if not ctx:
+        llama_cpp.llama_model_free(model)
+        raise RuntimeError(failure)
+    return ctx
 
 
 @dataclass(frozen=True)
@@ -33,15 +47,9 @@ class LlamaModel:
     """Owns the llama_model and one llama_context with a KV stream per slot."""
 
     def __init__(self, path: Path, options: ContextOptions) -> None:
-        init_backend()
         if not path.is_file():
             raise FileNotFoundError(f"model file not found: {path}")
-        mparams = llama_cpp.llama_model_default_params()
-        # -1 means every layer, as llama.cpp's -ngl 999.
-        mparams.n_gpu_layers = 999 if options.gpu_layers < 0 else options.gpu_layers
-        model = llama_cpp.llama_model_load_from_file(str(path).encode(), mparams)
-        if not model:
-            raise RuntimeError(f"llama.cpp could not load {path}")
+        model = load_model(path, gpu_layers=options.gpu_layers)
         self.model = model
         self.vocab = llama_cpp.llama_model_get_vocab(model)
         threads = options.n_threads or os.cpu_count() or 1
@@ -53,15 +61,10 @@ class LlamaModel:
         cparams.kv_unified = False
         cparams.n_batch = options.n_batch
         cparams.n_ubatch = options.n_batch
-        cparams.n_threads = threads
-        cparams.n_threads_batch = threads
-        cparams.no_perf = True
         if not options.f16_kv:
             cparams.type_k = cparams.type_v = 0  # GGML_TYPE_F32
-        ctx = llama_cpp.llama_init_from_model(model, cparams)
-        if not ctx:
-            llama_cpp.llama_model_free(model)
-            raise RuntimeError(f"llama.cpp could not create a context for {path}")
+        failure = f"llama.cpp could not create a context for {path}"
+        ctx = new_context(model, cparams, threads=threads, failure=failure)
         self.ctx = ctx
         self.memory = llama_cpp.llama_get_memory(ctx)
         self.n_slots = options.n_slots

@@ -1,18 +1,20 @@
-"""Turn a job's sampling options into the engine's resolved Sampling:
-request first, then the model's configured defaults, then llama-server's.
-Token strings in logit_bias are tokenized; JSON schemas become GBNF."""
+"""The llama.cpp engine's one mapping of a job's SamplingOptions to its
+resolved Sampling: request first, then the model's configured defaults, then
+llama-server's. Token strings in logit_bias are tokenized; JSON schemas
+become GBNF."""
 
 from __future__ import annotations
 
 import json
 import math
 import re
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
 
 from schemas.jobs import GenerateJob
-from schemas.registry import ModelConfig
+from schemas.registry import ModelConfig, Parameters
+from schemas.sampling import SHARED_FIELDS
 from workers.engine.llama.limits import check_grammar_text
 from workers.engine.llama.model import LlamaModel
 from workers.engine.llama.sampling import check_grammar
@@ -157,32 +159,33 @@ def _grammar(job: GenerateJob, model: LlamaModel) -> str | None:
     return grammar
 
 
+# The shared knobs Sampling holds as they are, each resolved by one rule: the
+# request's value, else the model's configured default where its config has
+# that key (temperature, top_p, top_k), else llama-server's (Sampling's
+# default). grammar and json_schema become one GBNF grammar (_grammar).
+_KNOBS = SHARED_FIELDS - {"grammar", "json_schema"}
+_CONFIGURED = _KNOBS & Parameters.model_fields.keys()
+
+
 def resolve_sampling(job: GenerateJob, config: ModelConfig, model: LlamaModel) -> Sampling:
     req, defaults = job.sampling, config.parameters
     base = Sampling()
+    knobs: dict[str, Any] = {
+        name: _first(
+            getattr(req, name),
+            getattr(defaults, name) if name in _CONFIGURED else None,
+            getattr(base, name),
+        )
+        for name in _KNOBS
+    }
     return Sampling(
-        temperature=_first(req.temperature, defaults.temperature, base.temperature),
-        top_k=_first(req.top_k, defaults.top_k, base.top_k),
-        top_p=_first(req.top_p, defaults.top_p, base.top_p),
-        min_p=_first(req.min_p, base.min_p),
-        typical_p=_first(req.typical_p, base.typical_p),
-        min_keep=_first(req.min_keep, base.min_keep),
-        repeat_penalty=_first(req.repeat_penalty, base.repeat_penalty),
-        repeat_last_n=_first(req.repeat_last_n, base.repeat_last_n),
-        presence_penalty=_first(req.presence_penalty, base.presence_penalty),
-        frequency_penalty=_first(req.frequency_penalty, base.frequency_penalty),
-        mirostat=_first(req.mirostat, base.mirostat),
-        mirostat_tau=_first(req.mirostat_tau, base.mirostat_tau),
-        mirostat_eta=_first(req.mirostat_eta, base.mirostat_eta),
-        seed=req.seed,
+        **knobs,
         max_tokens=_first(req.max_tokens, defaults.max_tokens, None),
         stop=tuple(dict.fromkeys([*req.stop, *config.stopwords])),
         logit_bias=_logit_bias(job, model),
         grammar=_grammar(job, model),
         logprobs=req.logprobs,
-        ignore_eos=req.ignore_eos,
         n=job.beam.width if job.beam else req.n,
-        cache_prompt=req.cache_prompt,
         beam=job.beam is not None,
         length_penalty=job.beam.length_penalty if job.beam else 1.0,
         early_stopping=job.beam.early_stopping if job.beam else False,

@@ -12,8 +12,8 @@ import pytest
 from schemas.events import Done, ErrorEvent
 from tests.workers.conftest import RecordingSink, prompt_tokens, run, text_of
 from workers.engine.llama.beam import length_score
-from workers.engine.llama.limits import UnsafeValue, safe_sampling
 from workers.engine.llama.engine import LlamaEngine
+from workers.engine.llama.limits import UnsafeValue, safe_sampling
 from workers.engine.llama.sampling import GrammarError, check_grammar
 from workers.engine.types import EngineRequest, Sampling
 
