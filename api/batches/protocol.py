@@ -16,7 +16,9 @@ class BatchCreate(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     input_file_id: str = Field(min_length=1, max_length=64)
-    endpoint: str
+    # The document lists the endpoints (clients and fuzzers see what is
+    # valid); the check is the validator's, with its own message.
+    endpoint: str = Field(json_schema_extra={"enum": list(ENDPOINTS)})
     completion_window: str = "24h"
     metadata: dict[str, str] | None = None
 

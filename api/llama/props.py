@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from api.deps import CatalogDep, RedisDep, SettingsDep
 from api.errors import APIError
 from api.llama.common import load_overrides, published_props, save_overrides
-from api.llama.protocol import WRITABLE_PROPS, CompletionRequest
+from api.llama.protocol import WRITABLE_PROPS, LlamaCompletionRequest
 from api.routing import StrictJSONRoute
 
 router = APIRouter(tags=["llama.cpp"], route_class=StrictJSONRoute)
@@ -108,7 +108,7 @@ async def set_props(
     applied = {k: v for k, v in params.items() if k in WRITABLE_PROPS}
     given = {k: v for k, v in applied.items() if v is not None}
     try:
-        checked = CompletionRequest.model_validate(given)
+        checked = LlamaCompletionRequest.model_validate(given)
     except ValidationError as exc:
         raise RequestValidationError(exc.errors(include_url=False)) from exc
     overrides = await load_overrides(client, name)

@@ -153,7 +153,7 @@ class LlamaOptions(CheckedBody, SharedSampling):
         }
 
 
-class CompletionRequest(LlamaOptions):
+class LlamaCompletionRequest(LlamaOptions):
     """POST /completion. `prompt`: a string, token ids, or both mixed; a list
     holding one such list is that prompt (several prompts are not supported)."""
 

@@ -14,9 +14,9 @@ from api.catalog import Catalog
 from api.deps import CatalogDep, RunnerDep
 from api.errors import APIError
 from api.llama.protocol import (
-    CompletionRequest,
     DetokenizeRequest,
     InfillRequest,
+    LlamaCompletionRequest,
     TokenizeRequest,
 )
 from api.llama.requests import llama_job, with_defaults
@@ -30,7 +30,7 @@ router = APIRouter(tags=["llama.cpp"], route_class=StrictJSONRoute)
 @router.post("/completion", response_model=None)
 @router.post("/completions", response_model=None, include_in_schema=False)
 async def completion(
-    body: CompletionRequest, request: Request, catalog: CatalogDep, runner: RunnerDep
+    body: LlamaCompletionRequest, request: Request, catalog: CatalogDep, runner: RunnerDep
 ) -> Response:
     """llama-server's completion: the prompt (strings and token ids) is
     evaluated verbatim, without the model's completion template."""

@@ -60,5 +60,6 @@ async def completions(
 async def edits(
     body: EditRequest, request: Request, catalog: CatalogDep, runner: RunnerDep
 ) -> Response:
-    """The legacy edits API, answered as `choices[].text`."""
+    """The legacy edits API: `instruction` applied to `input`, through the
+    model's chat template; answered as `choices[].text`."""
     return await _answer(body, request, catalog, runner, edit_job, bodies.edit_body)

@@ -75,7 +75,7 @@ def _generate(body: dict[str, Any]) -> object:
 
 
 def _llama(body: dict[str, Any]) -> object:
-    request = llama_server.CompletionRequest.model_validate(body)
+    request = llama_server.LlamaCompletionRequest.model_validate(body)
     return request.sampling(), request.prompt_parts()
 
 
@@ -120,7 +120,7 @@ def test_logit_bias_key_that_is_a_unicode_digit() -> None:
         openai.ChatCompletionRequest.model_validate({"messages": MESSAGES, "logit_bias": {"²": 1}})
     assert caught.value.errors()[0]["loc"] == ("logit_bias",)
     # llama-server's form: a non-integer key is text to tokenize.
-    text = llama_server.CompletionRequest.model_validate({"logit_bias": {"²": 1, "7": False}})
+    text = llama_server.LlamaCompletionRequest.model_validate({"logit_bias": {"²": 1, "7": False}})
     assert text.bias_list() == [("²", 1.0), (7, False)]
 
 

@@ -11,8 +11,7 @@ import pytest
 from pydantic import BaseModel, ValidationError
 
 from api.generate.protocol import GenerateRequest
-from api.llama.protocol import WRITABLE_PROPS
-from api.llama.protocol import CompletionRequest as LlamaCompletionRequest
+from api.llama.protocol import WRITABLE_PROPS, LlamaCompletionRequest
 from api.openai.protocol import ChatCompletionRequest, CompletionRequest
 from schemas.sampling import SHARED_FIELDS, SamplingOptions, SharedSampling, bias_pairs
 
