@@ -28,7 +28,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.loadgen import run_levels
-from bench.run import MODEL_NAME, REPO, inferq_config, inferq_home, inferq_up, serve
+from bench.services import MODEL_NAME, REPO, inferq_config, inferq_home, inferq_up, serve
 from bench.workload import LevelResult
 
 log = logging.getLogger("bench.ab_commits")

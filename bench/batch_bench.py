@@ -34,7 +34,7 @@ from typing import Any
 import httpx
 import openai
 
-from bench.run import free_port, stop, wait_health
+from bench.services import free_port, stop, wait_health
 from schemas.jobs import Message
 from schemas.registry import load_registry
 from schemas.templates import PromptBuilder

@@ -23,7 +23,7 @@ from typing import Any
 
 import httpx
 
-from bench.run import free_port, stop, wait_health
+from bench.services import free_port, stop, wait_health
 
 log = logging.getLogger("bench.embed")
 

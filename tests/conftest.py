@@ -16,7 +16,8 @@ from sqlalchemy.engine import make_url
 
 from schemas.settings import normalize_database_url
 from tests.support.deploy import other_redis_db, scratch_database
-from tests.support.servers import start_postgres, start_redis
+from tests.support.postgres_server import start_postgres
+from tests.support.redis_server import start_redis
 from tests.support.stack import stack
 from tests.support.tinymodel import write_tiny_llama
 

@@ -31,7 +31,8 @@ from schemas.tables import BATCH_LINES, USAGE, BatchRecord, utcnow
 from tests.support.batches import chat_line, jsonl
 from tests.support.deploy import FAST_BATCHES, model_dir, stack_env
 from tests.support.procs import inferq, stop
-from tests.support.servers import Server, start_redis
+from tests.support.redis_server import start_redis
+from tests.support.servers import Server
 
 CHAT = "/v1/chat/completions"
 

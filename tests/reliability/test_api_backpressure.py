@@ -44,6 +44,11 @@ def own_stack(stack: Stack, other_redis_url: str) -> Iterator[Paused]:
         "INFERQ_PORT": str(port),
         "INFERQ_BATCH_SCHEDULER": "false",
         "INFERQ_MAX_QUEUE_DEPTH": str(DEPTH),
+        # The worker is stopped while requests pile up, one a second: with
+        # the default 1 s heartbeat it would count as dead (3 missed beats)
+        # before the queue is full on a slow machine, and the refusal would
+        # be model_unavailable instead of the backpressure under test.
+        "INFERQ_HEARTBEAT_INTERVAL": "10",
     }
     api = inferq(["api"], env, stack.log)
     worker = inferq(["worker", "--model", MODEL], env, stack.log)

@@ -26,7 +26,8 @@ import pytest
 from tests.support.batches import numbered_lines, output_in_order, submit, wait, wait_for
 from tests.support.deploy import poll_usage
 from tests.support.fleet import Fleet, batch_fleet
-from tests.support.servers import Restartable, start_postgres
+from tests.support.postgres_server import start_postgres
+from tests.support.servers import Restartable
 
 LINES = 60
 OUTAGE_S = 6.0  # longer than the lease (3 s): leases lapse while it is down

@@ -32,7 +32,8 @@ from tests.support.deploy import (
     wait_lines_running,
 )
 from tests.support.procs import free_port, inferq, stop, wait_status
-from tests.support.servers import Restartable, start_redis
+from tests.support.redis_server import start_redis
+from tests.support.servers import Restartable
 
 __all__ = [
     "LONG_STREAM",

@@ -13,7 +13,9 @@ import pytest
 import redis
 import sqlalchemy as sa
 
-from tests.support.servers import UNPRIVILEGED_USER, Server, start_postgres, start_redis
+from tests.support.postgres_server import start_postgres
+from tests.support.redis_server import start_redis
+from tests.support.servers import UNPRIVILEGED_USER, Server
 
 VARIANTS = pytest.mark.parametrize("prefer_wheel", [False, True], ids=["path", "wheel"])
 
@@ -126,7 +128,7 @@ def test_postgres_wheel_behind_a_private_directory(
     for libs in wheel.parent.glob("pgserver*.libs"):
         (private / "site" / libs.name).symlink_to(libs)
     bindir = private / "site" / "pgserver" / "pginstall" / "bin"
-    monkeypatch.setattr("tests.support.servers._pg_in_wheel", lambda: bindir)
+    monkeypatch.setattr("tests.support.postgres_server._pg_in_wheel", lambda: bindir)
     with start_postgres(prefer_wheel=True) as server:
         assert server.origin == bindir
         if os.geteuid() == 0:
