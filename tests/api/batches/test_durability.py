@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
+import pytest
+
+from schemas import keys
 from tests.support.batches import (
     by_custom_id,
     numbered_lines,
@@ -19,7 +23,8 @@ from tests.support.batches import (
     wait,
     wait_for,
 )
-from tests.support.fleet import Fleet, durable
+from tests.support.deploy import scratch_database
+from tests.support.fleet import MODEL, Fleet, batch_fleet, durable
 
 __all__ = ["durable"]
 
@@ -65,14 +70,36 @@ def test_api_restarted_mid_batch(durable: Fleet) -> None:
     _run_through(durable, restart_api)
 
 
-def test_redis_restarted_mid_batch(durable: Fleet) -> None:
+@pytest.fixture
+def slow_beats(tmp_path: Path, tiny_gguf: Path, pg_server_url: str) -> Iterator[Fleet]:
+    """A batch fleet whose workers count as alive for 15 s without a beat
+    (5 s heartbeats), while their 3 s leases lapse as usual."""
+    with (
+        scratch_database(pg_server_url, "inferq_durable") as database_url,
+        batch_fleet(
+            tmp_path, tiny_gguf, database_url=database_url, INFERQ_HEARTBEAT_INTERVAL="5"
+        ) as stack,
+    ):
+        yield stack
+
+
+def test_redis_restarted_mid_batch(slow_beats: Fleet) -> None:
+    wiped_at = 0
+
     def restart_redis(stack: Fleet) -> None:
-        # The worker is frozen first, so chunks pile up in Redis; then a new,
-        # empty server takes the port: everything queued is gone.
+        nonlocal wiped_at
+        # The worker takes chunks as they come, so none wait in Redis while it
+        # runs. Frozen, its leases lapse and the scheduler queues those lines
+        # again, to a worker that still counts as alive: chunks pile up in
+        # Redis. Then a new, empty server takes the port: all of them are gone.
         worker = stack.workers["worker"]
         worker.send_signal(signal.SIGSTOP)
         try:
-            time.sleep(1.0)
+            deadline = time.monotonic() + 10
+            while stack.redis().llen(keys.bulk_queue(MODEL)) == 0:
+                assert time.monotonic() < deadline, "no chunk ever waited in Redis"
+                time.sleep(0.1)
+            wiped_at = len(stack.log.read_text())
             stack.stop_redis()
             # Not waiting for it: the worker wakes while the port may still
             # be closed, and loses its broker connection.
@@ -80,6 +107,6 @@ def test_redis_restarted_mid_batch(durable: Fleet) -> None:
         finally:
             worker.send_signal(signal.SIGCONT)
 
-    _run_through(durable, restart_redis)
+    _run_through(slow_beats, restart_redis)
     # The chunks queued in the old Redis were lost and their lines put back.
-    assert "back to pending" in durable.log.read_text()
+    assert "back to pending" in slow_beats.log.read_text()[wiped_at:]
