@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 from fastapi import Request
 
+from api.accounts.principal import current_principal
 from api.errors import APIError
 from schemas import keys
 from schemas.heartbeats import read_beats
@@ -54,7 +55,12 @@ class Catalog:
         return sorted(set(self.registry.models) | live)
 
     async def require(
-        self, name: str | None, *, feature: str, authorization: str | None = None
+        self,
+        name: str | None,
+        *,
+        feature: str,
+        authorization: str | None = None,
+        strict: bool = True,
     ) -> str:
         """The model a request names, or the OpenAI 400/404. As LocalAI does, a
         request without a model may name one as its bearer token, and a name
@@ -66,12 +72,19 @@ class Catalog:
             token = authorization[7:].strip()
             if token in names:
                 name = token
-        return route_model(name, self.registry, names, feature)
+        return route_model(name, self.registry, names, feature, strict=strict)
 
     async def for_request(self, request: Request, name: str | None, feature: str) -> str:
-        """`require` for the model an HTTP request names (or its bearer token)."""
-        authorization = request.headers.get("authorization")
-        return await self.require(name, authorization=authorization, feature=feature)
+        """`require` for the model an HTTP request names (or, while auth is
+        off, its bearer token), among the models its key may use."""
+        principal = current_principal(request)
+        authorization = request.headers.get("authorization") if principal.key is None else None
+        model = await self.require(name, authorization=authorization, feature=feature, strict=False)
+        # The key's models first: a model it may not use is a 404 even where
+        # another key would learn that the model serves something else.
+        principal.require_model(model)
+        require_feature(self.registry.models.get(model), model, feature)
+        return model
 
     async def named_or_default(self, name: str | None, feature: str = GENERATION) -> str:
         """The model of a llama-server route: llama-server clients name none,

@@ -10,6 +10,7 @@ from celery import Celery
 from fastapi import Depends, Request
 from sqlalchemy import Engine
 
+from api.accounts.principal import PrincipalDep
 from api.catalog import Catalog
 from api.streaming.hub import StreamHub
 from api.streaming.jobs import JobRunner
@@ -35,8 +36,15 @@ CeleryDep = Annotated[Celery, Depends(_state("celery"))]
 DbDep = Annotated[Engine, Depends(_state("db"))]
 
 
-def _runner(settings: SettingsDep, redis: RedisDep, hub: HubDep, celery: CeleryDep) -> JobRunner:
-    return JobRunner(settings, redis, hub, celery)
+def _runner(
+    settings: SettingsDep,
+    redis: RedisDep,
+    hub: HubDep,
+    celery: CeleryDep,
+    principal: PrincipalDep,
+    request: Request,
+) -> JobRunner:
+    return JobRunner(settings, redis, hub, celery, principal, request.state)
 
 
 RunnerDep = Annotated[JobRunner, Depends(_runner)]

@@ -124,6 +124,17 @@ def bad_request() -> Iterator[None]:
         raise APIError(400, message, param=param) from None
 
 
+def db_unavailable(exc: BaseException) -> APIError:
+    """Postgres refused or dropped the connection: a 503 to retry, not a 500."""
+    log.warning("database unavailable: %s", getattr(exc, "orig", None) or exc)
+    return APIError(
+        503,
+        "the database is unavailable; try again shortly",
+        code="database_unavailable",
+        headers={"Retry-After": "5"},
+    )
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
@@ -147,13 +158,7 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(OperationalError)
     @app.exception_handler(InterfaceError)
     async def _database_down(_: Request, exc: DBAPIError) -> JSONResponse:
-        log.warning("database unavailable: %s", exc.orig if exc.orig is not None else exc)
-        return APIError(
-            503,
-            "the database is unavailable; try again shortly",
-            code="database_unavailable",
-            headers={"Retry-After": "5"},
-        ).response()
+        return db_unavailable(exc).response()
 
     @app.exception_handler(Exception)
     async def _unhandled(_: Request, exc: Exception) -> JSONResponse:

@@ -68,13 +68,15 @@ def _one_round(
         )
 
 
-def _spread(values: list[float]) -> str:
+def _spread(values: Sequence[float]) -> str:
     return f"{statistics.median(values):.1f} ({min(values):.1f}-{max(values):.1f})"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--base", required=True, help="git revision for A")
+def parse_ab_args(
+    parser: argparse.ArgumentParser, argv: Sequence[str] | None
+) -> argparse.Namespace:
+    """The options every A B A B run takes (model, workload, pairs), parsed,
+    with logging set up."""
     parser.add_argument("--model", type=Path, default=REPO / "models/gemma-3-270m-q4_k_m.gguf")
     parser.add_argument("--levels", default="1,8")
     parser.add_argument("--pairs", type=int, default=2, help="A B pairs")
@@ -86,6 +88,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    return args
+
+
+def ab_table(header: str, results: dict[str, list[list[LevelResult]]], levels: list[int]) -> str:
+    """The report of an A B A B run: per system and level, tokens/s and time
+    to first token p50 of each round, and their median and range."""
+    lines = [
+        header,
+        "",
+        "| system | concurrency | tok/s per round | tok/s median (range) "
+        "| TTFT p50 ms per round | TTFT p50 median (range) | errors |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for label in ("A", "B"):
+        for i, concurrency in enumerate(levels):
+            level = [run[i] for run in results[label]]
+            tps = [r.tokens_per_s for r in level]
+            ttft = [(r.ttft(50) or 0) * 1000 for r in level]
+            errors = sum(r.errors for r in level)
+            lines.append(
+                f"| {label} | {concurrency} | {' / '.join(f'{t:.1f}' for t in tps)} "
+                f"| {_spread(tps)} | {' / '.join(f'{t:.1f}' for t in ttft)} "
+                f"| {_spread(ttft)} | {errors} |"
+            )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--base", required=True, help="git revision for A")
+    args = parse_ab_args(parser, argv)
     levels = [int(x) for x in args.levels.split(",")]
     results: dict[str, list[list[LevelResult]]] = {"A": [], "B": []}
     with tempfile.TemporaryDirectory(prefix="inferq-ab-") as tmp:
@@ -103,25 +136,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 check=False,
                 capture_output=True,
             )
-    lines = [
+    header = (
         f"A = {args.base}, B = working tree; {args.pairs} pairs A B A B; "
-        f"levels {args.levels}; {args.slots} slots, {args.threads} threads",
-        "",
-        "| system | concurrency | tok/s per round | tok/s median (range) "
-        "| TTFT p50 ms per round | errors |",
-        "| --- | --- | --- | --- | --- | --- |",
-    ]
-    for label in ("A", "B"):
-        for i, concurrency in enumerate(levels):
-            level = [run[i] for run in results[label]]
-            tps = [r.tokens_per_s for r in level]
-            ttft = [round((r.ttft(50) or 0) * 1000) for r in level]
-            errors = sum(r.errors for r in level)
-            lines.append(
-                f"| {label} | {concurrency} | {' / '.join(f'{t:.1f}' for t in tps)} "
-                f"| {_spread(tps)} | {' / '.join(map(str, ttft))} | {errors} |"
-            )
-    print("\n".join(lines))
+        f"levels {args.levels}; {args.slots} slots, {args.threads} threads"
+    )
+    print(ab_table(header, results, levels))
     return 0
 
 

@@ -164,6 +164,7 @@ async def run_levels(
     min_requests: int = 16,
     ignore_eos: bool = True,
     probe: LoadProbe | None = None,
+    headers: dict[str, str] | None = None,
 ) -> list[LevelResult]:
     """Every level in turn. Prompt indices never repeat within a run, and two
     runs with the same arguments send identical prompts and seeds."""
@@ -171,7 +172,7 @@ async def run_levels(
     limits = httpx.Limits(max_connections=max(levels) + 4, max_keepalive_connections=64)
     timeout = httpx.Timeout(600.0, connect=10.0)
     out: list[LevelResult] = []
-    async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
+    async with httpx.AsyncClient(limits=limits, timeout=timeout, headers=headers) as client:
         for concurrency, warmup, jobs in level_plan(levels, rounds, min_requests):
             log.info(
                 "%s c=%d: warm-up %d, measuring %d", system, concurrency, len(warmup), len(jobs)

@@ -95,9 +95,11 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--models-dir", default=os.environ.get("INFERQ_MODELS_DIR", "models"))
     demo.set_defaults(func=_cmd_demo)
 
-    from inferq.batch_cli import add_parser
+    from inferq import batch_cli, keys_cli, usage_cli
 
-    add_parser(sub)
+    batch_cli.add_parser(sub)
+    keys_cli.add_parser(sub)
+    usage_cli.add_parser(sub)
 
     args = parser.parse_args(argv)
     _setup_logging(os.environ.get("INFERQ_LOG_LEVEL", "INFO"))

@@ -24,7 +24,7 @@ from typing import IO
 
 from inferq.migrate import upgrade
 from schemas.registry import load_registry
-from schemas.settings import get_settings
+from schemas.settings import Settings, get_settings
 
 log = logging.getLogger("inferq.up")
 
@@ -87,6 +87,19 @@ class Child:
             log.warning("%s did not stop in %.0f s; killing it", self.name, timeout)
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
+
+
+def _redis_url_file(settings: Settings) -> Path:
+    return settings.data_dir / "redis.url"
+
+
+def private_redis_url(settings: Settings) -> str | None:
+    """The URL of the Redis a running `inferq up` started for itself, so
+    that `inferq keys` run beside it can announce key changes."""
+    try:
+        return _redis_url_file(settings).read_text().strip() or None
+    except OSError:
+        return None
 
 
 class AlreadyRunning(RuntimeError):
@@ -187,6 +200,7 @@ def run_embedded(*, host: str | None = None, port: int | None = None) -> int:
             redis_child.start()
             env["REDIS_URL"] = f"redis://127.0.0.1:{redis_port}/0"
             _wait_redis(env["REDIS_URL"])
+            _redis_url_file(settings).write_text(env["REDIS_URL"] + "\n")
         log.info("migrating %s", settings.database_url.split("@")[-1])
         upgrade(settings.database_url)
 
@@ -203,7 +217,8 @@ def run_embedded(*, host: str | None = None, port: int | None = None) -> int:
             child.start()
         if _wait_ready(url, children, timeout=300, stopping=lambda: stopping):
             print(
-                f"inferq is up at {url} (models: {', '.join(registry.models)})",
+                f"inferq is up at {url} (models: {', '.join(registry.models)})\n"
+                f"{_auth_mode(settings)}",
                 file=sys.stderr,
                 flush=True,
             )
@@ -229,7 +244,31 @@ def run_embedded(*, host: str | None = None, port: int | None = None) -> int:
             child.stop(timeout=20)
         if redis_child is not None:
             redis_child.stop(timeout=10)
+            _redis_url_file(settings).unlink(missing_ok=True)
         lock.close()
+
+
+def _auth_mode(settings: Settings) -> str:
+    """What `inferq up` says about API keys once it is up."""
+    from sqlalchemy import func, select
+
+    from schemas.db import make_engine
+    from schemas.tables import ApiKey
+
+    engine = make_engine(settings.database_url)
+    try:
+        with engine.connect() as conn:
+            count = conn.execute(select(func.count()).select_from(ApiKey)).scalar_one()
+    except Exception as exc:
+        return f"auth: unknown (the key table could not be read: {exc})"
+    finally:
+        engine.dispose()
+    if count or settings.auth == "required":
+        return f"auth: required ({count} API key(s)); send Authorization: Bearer KEY"
+    return (
+        "auth: off (no API key exists; anyone who can reach this port may use it). "
+        "`inferq keys create --name NAME --admin` turns it on."
+    )
 
 
 def _restart(child: Child) -> None:

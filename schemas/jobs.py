@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from schemas.accounts import JobAccount
 from schemas.bounds import LengthPenalty, NonNegInt32, TokenId, Width
 from schemas.sampling import SamplingOptions
 
@@ -94,6 +95,8 @@ class GenerateJob(BaseModel):
     infill: InfillInput | None = None
     id_slot: NonNegInt32 | None = None
     enqueued_at: float = 0.0
+    # The API key it is charged to (None: auth is off).
+    account: JobAccount | None = None
 
 
 class EmbedJob(BaseModel):
@@ -111,3 +114,5 @@ class EmbedJob(BaseModel):
     # Over-long inputs are cut to the model's limit instead of rejected.
     truncate: bool = False
     normalize: bool = True
+    # The API key it is charged to (None: auth is off).
+    account: JobAccount | None = None

@@ -79,3 +79,14 @@ def model_props(model: str) -> str:
 def props_overrides(model: str) -> str:
     """JSON of the /completion defaults set through POST /props."""
     return f"{PREFIX}:props-overrides:{model}"
+
+
+# Bumped whenever an API key is created, changed or revoked: every API process
+# reads it per request and reloads its keys when it moved.
+API_KEYS_VERSION = f"{PREFIX}:api-keys:version"
+
+
+def rate_bucket(key_id: str, name: str) -> str:
+    """Hash of one token bucket of a key (schemas/ratelimit.py): `name` is
+    "rpm", "tpm" or a quota window's own name."""
+    return f"{PREFIX}:rate:{key_id}:{name}"

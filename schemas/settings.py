@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -59,6 +60,10 @@ class Settings(BaseSettings):
     # Seconds a Redis connect or command may take (API and workers); with Redis
     # down, requests answer 503 within about this long.
     redis_timeout: float = Field(default=3.0, gt=0)
+    # API keys (api/accounts/): "auto" asks for a key as soon as one exists
+    # (none: the single-user embedded default, open); "required" always does
+    # (the compose default), so an empty key table locks every route.
+    auth: Literal["auto", "required"] = "auto"
     # POST /props (llama-server's --props): off, it answers 403; on, it sets
     # the defaults of /completion and /infill (shared through Redis).
     props_writable: bool = False

@@ -9,6 +9,7 @@ from typing import Any, cast
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     DateTime,
     Float,
     ForeignKey,
@@ -64,9 +65,17 @@ class UsageRecord(Base):
     status: Mapped[str] = mapped_column(String(32))
     # Which worker process served it (host-pid-suffix).
     worker: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    # The API key that made the request (None: made while auth was off).
+    key_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    # Prompt tokens served from the KV cache instead of evaluated.
+    cached_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    # Set for the row of a batch line.
+    batch_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
     __table_args__ = (
         Index("ix_usage_created_at", "created_at"),
+        Index("ix_usage_key_created_at", "key_id", "created_at"),
+        Index("ix_usage_batch_id", "batch_id"),
         Index("ix_usage_model_created_at", "model", "created_at"),
         # One row per request: writers insert with ON CONFLICT DO NOTHING, so
         # a retried flush or a redelivered job never counts twice.
@@ -87,8 +96,13 @@ class FileRecord(Base):
     bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     # "uploaded" while chunks are still being written, then "processed".
     status: Mapped[str] = mapped_column(String(16), default="processed")
+    # The API key that uploaded it, or whose batch wrote it (None: auth off).
+    owner: Mapped[str | None] = mapped_column(String(32), nullable=True)
 
-    __table_args__ = (Index("ix_files_created_at", "created_at"),)
+    __table_args__ = (
+        Index("ix_files_created_at", "created_at"),
+        Index("ix_files_owner_created_at", "owner", "created_at"),
+    )
 
 
 class FileChunk(Base):
@@ -125,9 +139,16 @@ class BatchRecord(Base):
     expired_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     cancelling_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     cancelled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The API key that created it (None: auth off); its output files and
+    # usage rows belong to the same key.
+    owner: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    # Prompt tokens estimated from the input file at create: what the batch
+    # holds of its key's batch-token allowance until it ends.
+    estimated_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
 
     __table_args__ = (
         Index("ix_batches_created_at", "created_at"),
+        Index("ix_batches_owner_created_at", "owner", "created_at"),
         Index("ix_batches_status", "status"),
     )
 
@@ -183,8 +204,36 @@ class BatchSchedulerEpoch(Base):
     acquired_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
+class ApiKey(Base):
+    """An API key. The secret is stored only as its SHA-256 (a key is 256
+    random bits, so a fast hash is safe; a password hash would only slow every
+    request). `id` is the public part of the key and what everything a key
+    owns points to; rotating a key replaces the secret and keeps the id."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(255))
+    secret_hash: Mapped[str] = mapped_column(String(64))
+    # The key's first and last characters, to recognise it in a list.
+    hint: Mapped[str] = mapped_column(String(64))
+    admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Limits (None: unlimited): requests and tokens per minute, batch prompt
+    # tokens enqueued at once, the models it may use, and windows per model
+    # (schemas.accounts.QuotaRule as JSON).
+    rpm: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    tpm: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    batch_tokens: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    models: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
+    quotas: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON, nullable=True)
+
+
 # Core handles for bulk statements (executemany updates, RETURNING).
 BATCH_LINES = cast(Table, BatchLine.__table__)
 BATCHES = cast(Table, BatchRecord.__table__)
 USAGE = cast(Table, UsageRecord.__table__)
 SCHEDULER_EPOCH = cast(Table, BatchSchedulerEpoch.__table__)
+API_KEYS = cast(Table, ApiKey.__table__)

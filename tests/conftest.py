@@ -12,8 +12,11 @@ from pathlib import Path
 
 import pytest
 import redis
+from sqlalchemy import Engine
 from sqlalchemy.engine import make_url
 
+from inferq.migrate import upgrade
+from schemas.db import make_engine
 from schemas.settings import normalize_database_url
 from tests.support.deploy import other_redis_db, scratch_database
 from tests.support.postgres_server import start_postgres
@@ -68,6 +71,15 @@ def pg_url(pg_server_url: str) -> Iterator[str]:
     """A fresh, empty Postgres database for one test, dropped afterwards."""
     with scratch_database(pg_server_url, "inferq_test") as url:
         yield url
+
+
+@pytest.fixture
+def pg_engine(pg_url: str) -> Iterator[Engine]:
+    """An engine on a fresh Postgres database migrated to the head."""
+    upgrade(pg_url)
+    engine = make_engine(pg_url)
+    yield engine
+    engine.dispose()
 
 
 @pytest.fixture(scope="session")

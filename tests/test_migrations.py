@@ -23,6 +23,14 @@ def _check_round_trip(url: str) -> None:
         columns = {c["name"] for c in inspector.get_columns("usage")}
         assert {"model", "endpoint", "prompt_tokens", "completion_tokens", "ttft_ms"} <= columns
         assert {"duration_ms", "status", "request_id", "created_at"} <= columns
+        # Accounts: keys, owners, usage per key and batch.
+        assert {"key_id", "cached_tokens", "batch_id"} <= columns
+        assert "api_keys" in inspector.get_table_names()
+        assert "owner" in {c["name"] for c in inspector.get_columns("files")}
+        assert {"owner", "estimated_tokens"} <= {
+            c["name"] for c in inspector.get_columns("batches")
+        }
+        assert "ix_usage_key_created_at" in {i["name"] for i in inspector.get_indexes("usage")}
         with Session(engine) as session, session.begin():
             session.add(
                 UsageRecord(

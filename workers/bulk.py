@@ -57,6 +57,8 @@ class Held:
     request: EngineRequest | EmbedRequest | None = None
     # Embedding lines: what shaping the answer needs.
     embed: tuple[EmbedJob, list[list[int]], bool] | None = None
+    # The API key the line's batch belongs to (its usage row's key_id).
+    key_id: str | None = None
 
 
 @dataclass
@@ -68,6 +70,7 @@ class Outcome:
     done: Done | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0
 
 
 # The database being away, not a line being bad: the whole write is retried.
@@ -107,6 +110,8 @@ class BulkRunner:
         self.embed_runtime = embed_runtime
         self._outcomes: queue.SimpleQueue[Outcome] = queue.SimpleQueue()
         self._held: dict[tuple[str, int], Held] = {}
+        # Results written by this worker, by final state (its heartbeat's stats).
+        self.lines_written = {b.DONE: 0, b.FAILED: 0, b.CANCELLED: 0}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._write_loop, name="bulk-writer", daemon=True)
@@ -149,6 +154,11 @@ class BulkRunner:
 
     def _start(self, held: Held, job: dict[str, Any]) -> None:
         payload = job["payload"]
+        # Read before the payload is validated, so that even a line that
+        # cannot start is charged to its batch's key.
+        account = payload.get("account") if isinstance(payload, dict) else None
+        if isinstance(account, dict) and isinstance(account.get("key_id"), str):
+            held.key_id = account["key_id"]
         if job["task"] == "embed":
             self._start_embed(held, EmbedJob.model_validate(payload))
         else:
@@ -232,7 +242,15 @@ class BulkRunner:
             return
         usage = result.usage
         self._outcomes.put(
-            Outcome(held, b.DONE, None, result, usage.prompt_tokens, usage.completion_tokens)
+            Outcome(
+                held,
+                b.DONE,
+                None,
+                result,
+                usage.prompt_tokens,
+                usage.completion_tokens,
+                result.tokens_cached,
+            )
         )
 
     def _embedded(self, held: Held, request: EmbedRequest) -> None:
@@ -338,6 +356,9 @@ class BulkRunner:
                         "duration_ms": (time.perf_counter() - h.started) * 1000,
                         "status": "completed" if o.state == b.DONE else "failed",
                         "worker": self.worker_id,
+                        "key_id": h.key_id,
+                        "cached_tokens": o.cached_tokens,
+                        "batch_id": h.batch_id,
                     }
                 )
         with self.db.begin() as conn:
@@ -349,6 +370,8 @@ class BulkRunner:
         with self._lock:
             for o in outcomes:
                 self._held.pop((o.held.batch_id, o.held.line), None)
+                if o.state in self.lines_written and (o.held.batch_id, o.held.line) in owned:
+                    self.lines_written[o.state] += 1
 
     def _renew(self) -> bool:
         """Extend the leases of every line this worker runs; False when the

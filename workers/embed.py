@@ -114,16 +114,22 @@ def run_embed(runtime: EmbedRuntime, payload: dict[str, Any]) -> None:
 
 def _run_embed(runtime: EmbedRuntime, job: EmbedJob) -> None:
     endpoint = "rerank" if job.kind == "rerank" else "embeddings"
-    usage = accounting(runtime, request_id=job.request_id, endpoint=endpoint)
-    if claim_job(runtime, job.request_id) is not Claim.RUN:
+    usage = accounting(runtime, request_id=job.request_id, endpoint=endpoint, account=job.account)
+    claim = claim_job(runtime, job.request_id)
+    if claim is not Claim.RUN:
         # The client left, the API queued the job again under another id, or
         # a copy of it already ran (a redelivered message).
         log.info("dropping embedding job %s: cancelled or started already", job.request_id)
+        if claim is Claim.CANCELLED:
+            # Its row (and its key's reserved tokens given back); a requeued
+            # or duplicate copy is accounted by the copy that runs.
+            usage("cancelled", 0, 0, None)
         return
     try:
         inputs, pairs = build_inputs(runtime, job)
     except InputError as exc:
         publish(runtime, job.request_id, bad_request(str(exc), param=exc.param))
+        usage("rejected", 0, 0, None)
         return
     prompt_tokens = sum(len(t) for t in inputs)
     # The API follows this worker's heartbeat from here on.
@@ -141,9 +147,11 @@ def _run_embed(runtime: EmbedRuntime, job: EmbedJob) -> None:
             status=504,
         )
         publish(runtime, job.request_id, event)
+        usage("failed", prompt_tokens, 0, None)
         return
     if request.error:
         publish(runtime, job.request_id, ErrorEvent(message=request.error))
+        usage("failed", prompt_tokens, 0, None)
         return
     answer = make_answer(job, request, inputs, pairs)
     publish(runtime, job.request_id, answer)

@@ -117,7 +117,9 @@ def run_generate(runtime: WorkerRuntime, payload: dict[str, Any]) -> None:
 
 
 def _run_generate(runtime: WorkerRuntime, job: GenerateJob) -> None:
-    usage = accounting(runtime, request_id=job.request_id, endpoint=job.endpoint)
+    usage = accounting(
+        runtime, request_id=job.request_id, endpoint=job.endpoint, account=job.account
+    )
     claim = claim_job(runtime, job.request_id)
     if claim is Claim.REQUEUED:
         # Nothing to account: the copy queued again does.
@@ -152,6 +154,12 @@ def _run_generate(runtime: WorkerRuntime, job: GenerateJob) -> None:
     if isinstance(result, Done):
         reason = result.choices[0].finish_reason if result.choices else "stop"
         status = "cancelled" if reason == "cancelled" else "completed"
-        usage(status, result.usage.prompt_tokens, result.usage.completion_tokens, result.ttft_ms)
+        usage(
+            status,
+            result.usage.prompt_tokens,
+            result.usage.completion_tokens,
+            result.ttft_ms,
+            cached=result.tokens_cached,
+        )
     else:
         usage("failed", len(tokens), 0, None)

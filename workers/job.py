@@ -15,8 +15,10 @@ from pydantic import ValidationError
 from sqlalchemy import Engine
 
 from schemas import keys
+from schemas.accounts import JobAccount
 from schemas.events import Accepted, Done, Embeddings, ErrorEvent, encode
 from schemas.jobs import EmbedJob, GenerateJob
+from schemas.ratelimit import settle
 from schemas.registry import ModelConfig
 from schemas.settings import get_settings
 from workers.presence import claim
@@ -102,16 +104,42 @@ def publish(
     context.redis.publish(keys.stream_channel(request_id), encode(event))
 
 
-# Records the usage row of one job: (status, prompt tokens, completion
-# tokens, time to first token in ms).
-Account = Callable[[str, int, int, float | None], None]
+class Account(Protocol):
+    """Records the usage row of one job: its status, prompt and completion
+    tokens, time to first token (ms) and the prompt tokens its slot reused
+    from the KV cache."""
+
+    def __call__(
+        self,
+        status: str,
+        prompt: int,
+        completion: int,
+        ttft_ms: float | None,
+        *,
+        cached: int = 0,
+    ) -> None: ...
 
 
-def accounting(context: Context, *, request_id: str, endpoint: str) -> Account:
-    """The usage recorder of a job starting now (its duration counts from here)."""
+def accounting(
+    context: Context,
+    *,
+    request_id: str,
+    endpoint: str,
+    account: JobAccount | None = None,
+) -> Account:
+    """The usage recorder of a job starting now (its duration counts from
+    here), charged to `account`'s key (None: auth is off, nobody's)."""
     started = time.perf_counter()
+    key_id = account.key_id if account is not None else None
 
-    def account(status: str, prompt: int, completion: int, ttft_ms: float | None) -> None:
+    def record(
+        status: str,
+        prompt: int,
+        completion: int,
+        ttft_ms: float | None,
+        *,
+        cached: int = 0,
+    ) -> None:
         record_usage(
             context.db,
             request_id=request_id,
@@ -123,6 +151,10 @@ def accounting(context: Context, *, request_id: str, endpoint: str) -> Account:
             duration_ms=(time.perf_counter() - started) * 1000,
             status=status,
             worker=context.worker_id,
+            key_id=key_id,
+            cached_tokens=cached,
         )
+        # The key's token buckets get the real count (never raises).
+        settle(context.redis, account, prompt + completion)
 
-    return account
+    return record

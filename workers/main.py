@@ -122,6 +122,10 @@ def run_worker(model_name: str, *, gpu: int | None = None) -> int:
         if request is not None and runtime is not None:
             runtime.engine.cancel(request)
 
+    from workers.stats import StatsReporter
+
+    engines = [r.engine for r in (runtime, embed_runtime) if r is not None]
+    stats = StatsReporter(engines, lines=lambda: bulk.lines_written)
     listener = CancelListener(client, model=config.name, on_cancel=cancel)
     listener.start()
     heartbeat = Heartbeat(
@@ -134,6 +138,8 @@ def run_worker(model_name: str, *, gpu: int | None = None) -> int:
         on_register=announce,
         # Requests whose events a Redis outage swallowed hear of it.
         after_beat=sink.flush,
+        # What GET /metrics sums over the model's workers.
+        stats=stats,
     )
     heartbeat.start()
     log.info(

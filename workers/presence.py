@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import redis
 
-from schemas import keys
+from schemas import keys, worker_stats
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,8 @@ class Heartbeat:
     `on_register` runs whenever a beat creates the entry instead of updating
     it: at start, and after Redis came back empty (restarted), so that what the
     worker announced once (llama-server props) is announced again. `after_beat`
-    runs after every beat that reached Redis."""
+    runs after every beat that reached Redis. `stats`, when given, yields
+    the entry's "stats" object (schemas/worker_stats.py) at every beat."""
 
     def __init__(
         self,
@@ -43,6 +44,7 @@ class Heartbeat:
         slots: int,
         on_register: Callable[[], None] | None = None,
         after_beat: Callable[[], None] | None = None,
+        stats: Callable[[], dict[str, float]] | None = None,
     ) -> None:
         self._client = client
         self._field = keys.worker_field(model, worker_id)
@@ -58,11 +60,14 @@ class Heartbeat:
         self._interval = interval
         self._on_register = on_register
         self._after_beat = after_beat
+        self._stats = stats
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
 
     def beat(self) -> None:
         info = {**self._info, "expires_at": time.time() + MISSED_BEATS * self._interval}
+        if self._stats is not None:
+            info[worker_stats.FIELD] = self._stats()
         created = self._client.hset(keys.WORKERS, self._field, json.dumps(info))
         if created and self._on_register is not None:
             self._on_register()
@@ -110,7 +115,7 @@ class CancelListener:
     def _run(self) -> None:
         failing = False
         while not self._stop.is_set():
-            pubsub = self._client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+            pubsub = self._client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call, unused-ignore]
             try:
                 pubsub.subscribe(self._channel)
                 if failing:

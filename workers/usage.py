@@ -194,8 +194,13 @@ def record_usage(
     duration_ms: float,
     status: str,
     worker: str | None = None,
+    key_id: str | None = None,
+    cached_tokens: int = 0,
+    batch_id: str | None = None,
 ) -> None:
-    """Queue the usage row of a finished request; never blocks, never raises."""
+    """Queue the usage row of a finished request; never blocks, never raises.
+    `key_id` is the API key it is charged to (None while auth is off),
+    `cached_tokens` the prompt tokens its slot reused instead of evaluating."""
     try:
         writer_for(engine).add(
             {
@@ -209,6 +214,9 @@ def record_usage(
                 "duration_ms": duration_ms,
                 "status": status,
                 "worker": worker,
+                "key_id": key_id,
+                "cached_tokens": cached_tokens,
+                "batch_id": batch_id,
             }
         )
     except Exception:

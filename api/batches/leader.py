@@ -8,7 +8,13 @@ each win also takes a fencing token: `batch_scheduler.epoch`, bumped in the
 database. Every transaction the scheduler commits starts with `check`, which
 locks that row and compares the epoch; a stale leader's transaction raises
 NotLeader and rolls back, and a takeover waits for the transaction in flight.
-So at any moment at most one process commits scheduler work."""
+So at any moment at most one process commits scheduler work.
+
+A leader frozen inside such a transaction (SIGSTOP, a VM pause) would hold
+the row until it wakes, and no successor could take over meanwhile: a
+successor that waited for the row past `lock_timeout` ends that session
+(`pg_terminate_backend`), which rolls its transaction back. That is safe:
+its Redis lock lapsed, so it leads no more, and nothing of it commits."""
 
 from __future__ import annotations
 
@@ -17,6 +23,7 @@ import time
 
 import redis
 from sqlalchemy import Connection, Engine, insert, select, text, update
+from sqlalchemy.exc import OperationalError
 
 from schemas import keys
 from schemas.tables import SCHEDULER_EPOCH, utcnow
@@ -24,6 +31,8 @@ from schemas.tables import SCHEDULER_EPOCH, utcnow
 log = logging.getLogger("inferq.batches")
 
 ROW = 1
+# Postgres' SQLSTATE for a lock_timeout that ran out.
+LOCK_NOT_AVAILABLE = "55P03"
 
 # Extend the lock only while it is still ours (GET and PEXPIRE in one step).
 _RENEW = """
@@ -95,11 +104,41 @@ class Leadership:
         return ok
 
     def _take_epoch(self) -> int:
+        try:
+            return self._bump_epoch()
+        except OperationalError as exc:
+            if getattr(exc.orig, "sqlstate", None) != LOCK_NOT_AVAILABLE:
+                raise
+        ended = self._end_stalled_leaders()
+        log.warning(
+            "batch scheduler: a stalled leader held the epoch row; ended %d session(s)", ended
+        )
+        return self._bump_epoch()
+
+    def _end_stalled_leaders(self) -> int:
+        """End the database sessions whose open transaction holds the epoch
+        table (a scheduler transaction of a leader whose lock lapsed)."""
+        with self.db.begin() as conn:
+            pids = conn.execute(
+                text(
+                    "SELECT DISTINCT l.pid FROM pg_locks l JOIN pg_class c ON c.oid = l.relation "
+                    "WHERE c.relname = :table AND l.granted AND l.pid <> pg_backend_pid()"
+                ),
+                {"table": SCHEDULER_EPOCH.name},
+            ).scalars()
+            ended = 0
+            for pid in list(pids):
+                ended += bool(
+                    conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid}).scalar()
+                )
+        return ended
+
+    def _bump_epoch(self) -> int:
         with self.db.begin() as conn:
             if conn.dialect.name == "postgresql":
                 # A stalled leader mid-transaction holds the row: do not wait
-                # on it forever, try again next tick.
-                conn.execute(text("SET LOCAL lock_timeout = '5s'"))
+                # on it forever (see _take_epoch).
+                conn.execute(text("SET LOCAL lock_timeout = '3s'"))
             bumped = conn.execute(
                 update(SCHEDULER_EPOCH)
                 .where(SCHEDULER_EPOCH.c.id == ROW)

@@ -9,7 +9,7 @@ from datetime import datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import Engine
+from sqlalchemy import Engine, select
 
 from api.embeddings.bodies import embedding_body, rerank_body
 from api.files import store as files_store
@@ -18,6 +18,7 @@ from schemas import batch_line_reads
 from schemas import batches as b
 from schemas.events import Done, Embeddings, ErrorEvent, decode, error_body
 from schemas.jobs import EmbedJob, GenerateJob
+from schemas.tables import BATCHES
 
 log = logging.getLogger("inferq.batches")
 
@@ -103,6 +104,7 @@ def _write(
     name: str,
     states: tuple[str, ...],
     keepalive: Callable[[], None] | None,
+    owner: str | None,
 ) -> str | None:
     lines = (_line(row) for row in _rows(db, batch_id, states, keepalive))
     first = next(lines, None)
@@ -119,6 +121,7 @@ def _write(
         purpose="batch_output",
         chunks=chunks(),
         max_bytes=None,
+        owner=owner,
     )
     file_id: str = record.id
     return file_id
@@ -128,10 +131,15 @@ def write_files(
     db: Engine, *, batch_id: str, keepalive: Callable[[], None] | None = None
 ) -> tuple[str | None, str | None]:
     """(output_file_id, error_file_id); None where no line belongs there.
-    `keepalive` is called before every page of lines (and may raise to stop)."""
-    output = _write(db, batch_id, "output", (b.DONE,), keepalive)
+    `keepalive` is called before every page of lines (and may raise to stop).
+    The files belong to whoever owns the batch."""
+    with db.connect() as conn:
+        owner = conn.execute(select(BATCHES.c.owner).where(BATCHES.c.id == batch_id)).scalar()
+    output = _write(db, batch_id, "output", (b.DONE,), keepalive, owner)
     try:
-        errors = _write(db, batch_id, "errors", (b.FAILED, b.EXPIRED, b.CANCELLED), keepalive)
+        errors = _write(
+            db, batch_id, "errors", (b.FAILED, b.EXPIRED, b.CANCELLED), keepalive, owner
+        )
     except BaseException:
         discard(db, output, None)
         raise

@@ -32,6 +32,7 @@ from celery import Celery
 from sqlalchemy import Engine, select
 from sqlalchemy import exc as sa_exc
 
+from api.accounts.store import get_key
 from api.batches import feeding, output, store
 from api.batches.leader import Leadership, NotLeader
 from api.batches.validate import LineReader, parse, reported, split_lines
@@ -227,7 +228,14 @@ class BatchScheduler:
             ]
             self._set(batch_id, b.BATCH_FAILED, errors=reported(errors))
             return
-        reader = LineReader(record.endpoint, self.registry, set(self._live_slots()))
+        key = get_key(self.db, key_id=record.owner) if record.owner else None
+        reader = LineReader(
+            record.endpoint,
+            self.registry,
+            set(self._live_slots()),
+            owner=record.owner,
+            models=key.models if key is not None else None,
+        )
         chunks = files_store.iter_content(self.db, file_id=file.id)
         parsed = parse(split_lines(chunks), record.endpoint, reader, self.lead.keepalive)
         if parsed.errors:

@@ -5,7 +5,7 @@ its own thread)."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 
 from api.batches import protocol
 from api.batches.validate import safe_text
+from api.usage import store as usage_store
 from schemas import batch_line_reads, batch_lines
 from schemas import batches as b
 from schemas.batch_lines import Fence, Line
@@ -26,7 +27,16 @@ def _ts(value: datetime | None) -> int | None:
     return int(aware(value).timestamp()) if value is not None else None
 
 
-def create_batch(db: Engine, *, create: protocol.BatchCreate) -> BatchRecord:
+def create_batch(
+    db: Engine,
+    *,
+    create: protocol.BatchCreate,
+    owner: str | None = None,
+    estimated_tokens: int = 0,
+    check: Callable[[Session], None] | None = None,
+) -> BatchRecord:
+    """`check` runs in the insert's transaction first and may refuse it
+    (api/accounts/batch_quota.py: the key's batch-token allowance)."""
     now = utcnow()
     record = BatchRecord(
         id=f"batch_{uuid.uuid4().hex}",
@@ -37,27 +47,43 @@ def create_batch(db: Engine, *, create: protocol.BatchCreate) -> BatchRecord:
         expires_at=now + timedelta(seconds=b.window_seconds(create.completion_window)),
         status=b.VALIDATING,
         meta=create.metadata,
+        owner=owner,
+        estimated_tokens=estimated_tokens,
     )
     with Session(db, expire_on_commit=False) as session, session.begin():
+        if check is not None:
+            check(session)
         session.add(record)
     return record
 
 
-def get_batch(db: Engine, *, batch_id: str) -> BatchRecord | None:
+def _visible(record: BatchRecord | None, owner_filter: str | None) -> BatchRecord | None:
+    """`record` when the caller sees it (`owner_filter`: the only owner it
+    sees, None for everything); another key's batch looks like a missing one."""
+    if record is None or (owner_filter is not None and record.owner != owner_filter):
+        return None
+    return record
+
+
+def get_batch(db: Engine, *, batch_id: str, owner_filter: str | None = None) -> BatchRecord | None:
     if not plausible_id(batch_id):
         return None
     with Session(db, expire_on_commit=False) as session:
-        return session.get(BatchRecord, batch_id)
+        return _visible(session.get(BatchRecord, batch_id), owner_filter)
 
 
 def list_batches(
-    db: Engine, *, after: str | None = None, limit: int = 20
+    db: Engine, *, after: str | None = None, limit: int = 20, owner_filter: str | None = None
 ) -> tuple[list[BatchRecord], bool]:
-    """Newest first; `after` is the id of the last batch of the previous page."""
+    """Newest first; `after` is the id of the last batch of the previous page
+    (ignored, like an unknown id, when the caller cannot see it);
+    `owner_filter`: only that owner's batches (None: everyone's)."""
     query = select(BatchRecord).order_by(BatchRecord.created_at.desc(), BatchRecord.id.desc())
+    if owner_filter is not None:
+        query = query.where(BatchRecord.owner == owner_filter)
     with Session(db, expire_on_commit=False) as session:
         if after is not None and plausible_id(after):
-            anchor = session.get(BatchRecord, after)
+            anchor = _visible(session.get(BatchRecord, after), owner_filter)
             if anchor is not None:
                 query = query.where(
                     (BatchRecord.created_at < anchor.created_at)
@@ -81,8 +107,24 @@ def counts(db: Engine, *, batch_ids: Sequence[str]) -> dict[str, protocol.Reques
     return out
 
 
+def usage(db: Engine, *, batch_ids: Sequence[str]) -> dict[str, protocol.BatchUsage]:
+    """The Batch object's `usage`: its lines' usage rows summed (zeros for a
+    batch none of whose lines has finished yet)."""
+    out = {}
+    for batch_id, sums in usage_store.batch_sums(db, batch_ids=batch_ids).items():
+        out[batch_id] = protocol.BatchUsage(
+            input_tokens=sums.prompt_tokens,
+            input_tokens_details=protocol.InputTokensDetails(cached_tokens=sums.cached_tokens),
+            output_tokens=sums.completion_tokens,
+            total_tokens=sums.total_tokens,
+        )
+    return out
+
+
 def batch_object(
-    record: BatchRecord, request_counts: protocol.RequestCounts
+    record: BatchRecord,
+    request_counts: protocol.RequestCounts,
+    usage: protocol.BatchUsage | None = None,
 ) -> protocol.BatchObject:
     return protocol.BatchObject(
         id=record.id,
@@ -104,6 +146,7 @@ def batch_object(
         cancelled_at=_ts(record.cancelled_at),
         request_counts=request_counts,
         metadata=record.meta,
+        usage=usage or protocol.BatchUsage(),
     )
 
 

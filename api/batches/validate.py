@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,9 +31,11 @@ from api.errors import APIError, describe_validation
 from api.openai.protocol import ChatCompletionRequest, CompletionRequest
 from api.openai.requests import chat_job, completion_job
 from schemas import batches as b
+from schemas.accounts import JobAccount
 from schemas.batch_lines import Line
 from schemas.bounds import text_problem
 from schemas.events import error_body
+from schemas.jobs import EmbedJob, GenerateJob
 from schemas.registry import Registry
 
 log = logging.getLogger("inferq.batches")
@@ -70,15 +72,37 @@ def _line_error(exc: APIError) -> dict[str, Any]:
 class LineReader:
     """Turns one request body into the job it runs, as the endpoint would."""
 
-    def __init__(self, endpoint: str, registry: Registry, live_models: set[str]) -> None:
+    def __init__(
+        self,
+        endpoint: str,
+        registry: Registry,
+        live_models: set[str],
+        owner: str | None = None,
+        models: Collection[str] | None = None,
+    ) -> None:
         self.kind = b.ENDPOINTS[endpoint]
         self.registry = registry
         self.names = set(registry.models) | live_models
+        # The key the batch belongs to: every line's job is charged to it,
+        # so its usage rows carry that key.
+        self.account = JobAccount(key_id=owner) if owner else None
+        # The models that key may use (None: all); a line naming another
+        # fails as if the model did not exist, as the HTTP routes answer.
+        self.allowed = set(models) if models is not None else None
+
+    def _payload(self, job: GenerateJob | EmbedJob) -> dict[str, Any]:
+        job.account = self.account
+        return job.model_dump(mode="json")
 
     def _model(self, name: object) -> str:
         if name is not None and not isinstance(name, str):
             raise APIError(400, "model must be a string", param="model")
-        return pick_model(name, self.names)
+        model = pick_model(name, self.names)
+        if self.allowed is not None and model not in self.allowed:
+            raise APIError(
+                404, f"The model '{model}' does not exist", code="model_not_found", param="model"
+            )
+        return model
 
     def _require(self, model: str, feature: str) -> None:
         require_feature(self.registry.models.get(model), model, feature)
@@ -98,18 +122,18 @@ class LineReader:
         if self.kind == "chat":
             self._require(model, "text generation")
             chat = self._validate(ChatCompletionRequest, body)
-            return model, b.line_job("generate", chat_job(chat, model).model_dump(mode="json"), {})
+            return model, b.line_job("generate", self._payload(chat_job(chat, model)), {})
         if self.kind == "completions":
             self._require(model, "text generation")
             completion = self._validate(CompletionRequest, body)
-            payload = completion_job(completion, model).model_dump(mode="json")
+            payload = self._payload(completion_job(completion, model))
             return model, b.line_job("generate", payload, {})
         if self.kind == "embeddings":
             self._require(model, "embeddings")
             embed = self._validate(EmbeddingRequest, body)
             job = embedding_job(embed, model, self.registry.models.get(model))
             options = {"encoding_format": embed.encoding_format, "dimensions": embed.dimensions}
-            payload = job.model_dump(mode="json")
+            payload = self._payload(job)
             return model, b.line_job("embed", payload, options)
         self._require(model, "rerank")
         rerank = self._validate(RerankRequest, body)
@@ -118,7 +142,7 @@ class LineReader:
             "return_documents": rerank.return_documents,
             "texts": rerank.texts(),
         }
-        payload = rerank_job(rerank, model).model_dump(mode="json")
+        payload = self._payload(rerank_job(rerank, model))
         return model, b.line_job("embed", payload, options)
 
 

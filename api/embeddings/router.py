@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
+from api.accounts.principal import current_principal
 from api.deps import CatalogDep, RunnerDep
 from api.embeddings.bodies import VectorResponse, embedding_body, rerank_body
 from api.embeddings.protocol import EmbeddingRequest, LlamaEmbeddingRequest, RerankRequest
@@ -41,9 +42,15 @@ async def llama_embedding(
     body: LlamaEmbeddingRequest, request: Request, catalog: CatalogDep, runner: RunnerDep
 ) -> Response:
     """llama-server's shape: [{"index", "embedding": [vector]}]."""
-    # llama-server clients name no model: the first embedding model.
-    if body.model is None and request.headers.get("authorization") is None:
-        model = await catalog.require(await catalog.default("embeddings"), feature="embeddings")
+    # llama-server clients name no model: the first embedding model. With
+    # auth on the bearer token is a key, never a model name.
+    principal = current_principal(request)
+    if body.model is None and (
+        principal.key is not None or request.headers.get("authorization") is None
+    ):
+        default = await catalog.default("embeddings")
+        principal.require_model(default)
+        model = await catalog.require(default, feature="embeddings")
     else:
         model = await catalog.for_request(request, body.model, "embeddings")
     return await collect(request, runner, llama_embedding_job(body, model), _llama_vectors)

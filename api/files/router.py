@@ -12,6 +12,7 @@ from fastapi import APIRouter, File, Form, Query, Request, Response, UploadFile
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
+from api.accounts.principal import PrincipalDep
 from api.deps import DbDep, SettingsDep
 from api.errors import APIError
 from api.files import store as files_store
@@ -70,6 +71,7 @@ def _object(record: FileRecord) -> FileObject:
 async def upload_file(
     db: DbDep,
     settings: SettingsDep,
+    principal: PrincipalDep,
     file: Annotated[UploadFile, File()],
     purpose: Annotated[str, Form()],
 ) -> FileObject:
@@ -96,6 +98,7 @@ async def upload_file(
             purpose=purpose,
             chunks=pieces(),
             max_bytes=settings.max_file_bytes,
+            owner=principal.key_id,
         )
     except files_store.FileTooLarge:
         raise _too_large(settings.max_file_bytes) from None
@@ -110,13 +113,20 @@ async def upload_file(
 @router.get("/v1/files", response_model=FileList)
 async def list_files(
     db: DbDep,
+    principal: PrincipalDep,
     purpose: str | None = None,
     after: str | None = None,
     limit: Annotated[int, Query(ge=1, le=10000)] = 10000,
     order: Literal["asc", "desc"] = "desc",
 ) -> FileList:
     records, more = await run_in_threadpool(
-        files_store.list_files, db, purpose=purpose, after=after, limit=limit, order=order
+        files_store.list_files,
+        db,
+        purpose=purpose,
+        after=after,
+        limit=limit,
+        order=order,
+        owner_filter=principal.owner_filter,
     )
     data = [_object(r) for r in records]
     return FileList(
@@ -128,8 +138,10 @@ async def list_files(
 
 
 @router.get("/v1/files/{file_id}", response_model=FileObject)
-async def retrieve_file(file_id: str, db: DbDep) -> FileObject:
-    record = await run_in_threadpool(files_store.get_file, db, file_id=file_id)
+async def retrieve_file(file_id: str, db: DbDep, principal: PrincipalDep) -> FileObject:
+    record = await run_in_threadpool(
+        files_store.get_file, db, file_id=file_id, owner_filter=principal.owner_filter
+    )
     if record is None:
         raise _missing(file_id)
     return _object(record)
@@ -140,8 +152,10 @@ async def retrieve_file(file_id: str, db: DbDep) -> FileObject:
     response_class=StreamingResponse,
     responses={200: {"content": {"application/octet-stream": {}}, "description": "The bytes"}},
 )
-async def file_content(file_id: str, db: DbDep) -> StreamingResponse:
-    record = await run_in_threadpool(files_store.get_file, db, file_id=file_id)
+async def file_content(file_id: str, db: DbDep, principal: PrincipalDep) -> StreamingResponse:
+    record = await run_in_threadpool(
+        files_store.get_file, db, file_id=file_id, owner_filter=principal.owner_filter
+    )
     if record is None:
         raise _missing(file_id)
 
@@ -160,8 +174,11 @@ async def file_content(file_id: str, db: DbDep) -> StreamingResponse:
 
 
 @router.delete("/v1/files/{file_id}", response_model=FileDeleted)
-async def delete_file(file_id: str, db: DbDep) -> FileDeleted:
-    if not await run_in_threadpool(files_store.delete_file, db, file_id=file_id):
+async def delete_file(file_id: str, db: DbDep, principal: PrincipalDep) -> FileDeleted:
+    deleted = await run_in_threadpool(
+        files_store.delete_file, db, file_id=file_id, owner_filter=principal.owner_filter
+    )
+    if not deleted:
         raise _missing(file_id)
     log.info("file %s deleted", file_id)
     return FileDeleted(id=file_id, deleted=True)

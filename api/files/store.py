@@ -43,6 +43,7 @@ def create_file(
     chunks: Iterable[bytes],
     max_bytes: int | None,
     chunk_bytes: int = CHUNK_BYTES,
+    owner: str | None = None,
 ) -> FileRecord:
     """Store a file; FileTooLarge (and nothing left behind) past `max_bytes`.
     Until its last chunk is in, the file's status is "uploaded" and nobody
@@ -55,6 +56,7 @@ def create_file(
         purpose=purpose,
         bytes=0,
         status="uploaded",
+        owner=owner,
     )
     with Session(db, expire_on_commit=False) as session, session.begin():
         session.add(record)
@@ -79,12 +81,23 @@ def create_file(
     return record
 
 
-def get_file(db: Engine, *, file_id: str) -> FileRecord | None:
+def _visible(record: FileRecord | None, owner_filter: str | None) -> FileRecord | None:
+    """`record` when it is a whole file the caller may see (`owner_filter`:
+    the only owner it sees, None for everything), else None: another key's
+    file looks exactly like a missing one."""
+    if record is None or record.status != "processed":
+        return None
+    if owner_filter is not None and record.owner != owner_filter:
+        return None
+    return record
+
+
+def get_file(db: Engine, *, file_id: str, owner_filter: str | None = None) -> FileRecord | None:
     if not plausible_id(file_id):
         return None
     with Session(db, expire_on_commit=False) as session:
         record = session.get(FileRecord, file_id)
-    return record if record is not None and record.status == "processed" else None
+    return _visible(record, owner_filter)
 
 
 def list_files(
@@ -94,10 +107,16 @@ def list_files(
     after: str | None = None,
     limit: int = 10000,
     order: str = "desc",
+    owner_filter: str | None = None,
 ) -> tuple[list[FileRecord], bool]:
+    """A page of files; `owner_filter`: only that owner's (None: everyone's).
+    An `after` the caller cannot see is ignored like an unknown id, so a page
+    tells nothing about other keys' files."""
     newest_first = order != "asc"
     key = (FileRecord.created_at, FileRecord.id)
     query = select(FileRecord).where(FileRecord.status == "processed")
+    if owner_filter is not None:
+        query = query.where(FileRecord.owner == owner_filter)
     if purpose is not None:
         if "\x00" in purpose:
             return [], False
@@ -106,7 +125,7 @@ def list_files(
         if (
             after is not None
             and plausible_id(after)
-            and (anchor := session.get(FileRecord, after)) is not None
+            and (anchor := _visible(session.get(FileRecord, after), owner_filter)) is not None
         ):
             if newest_first:
                 query = query.where(
@@ -137,10 +156,18 @@ def iter_content(db: Engine, *, file_id: str) -> Iterator[bytes]:
         seq += 1
 
 
-def delete_file(db: Engine, *, file_id: str) -> bool:
+def delete_file(db: Engine, *, file_id: str, owner_filter: str | None = None) -> bool:
+    """False when there is no such file, or it is not `owner_filter`'s (when
+    given): then nothing is deleted."""
     if not plausible_id(file_id):
         return False
     with db.begin() as conn:
+        if owner_filter is not None:
+            owner = conn.execute(
+                select(FileRecord.owner).where(FileRecord.id == file_id).with_for_update()
+            ).first()
+            if owner is None or owner[0] != owner_filter:
+                return False
         # Not left to ON DELETE CASCADE: SQLite only cascades on connections
         # with PRAGMA foreign_keys=ON, which an engine not from make_engine lacks.
         conn.execute(delete(FileChunk).where(FileChunk.file_id == file_id))

@@ -9,6 +9,7 @@ from typing import Any
 
 from fastapi import APIRouter
 
+from api.accounts.principal import PrincipalDep
 from api.deps import CatalogDep, RedisDep
 from api.errors import APIError
 from api.llama.common import published_props
@@ -46,9 +47,10 @@ def _builder(model: str, config: ModelConfig | None, raw: bytes) -> PromptBuilde
 
 @router.post("/apply-template")
 async def apply_template(
-    body: ApplyTemplateRequest, catalog: CatalogDep, client: RedisDep
+    body: ApplyTemplateRequest, catalog: CatalogDep, client: RedisDep, principal: PrincipalDep
 ) -> dict[str, str]:
     model = await catalog.named_or_default(body.model)
+    principal.require_model(model)
     raw = await published_props(client, model, why="its template comes from its workers")
     builder = _builder(model, catalog.registry.models.get(model), raw)
     tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None

@@ -12,6 +12,7 @@ from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
+from api.accounts.principal import AdminDep, PrincipalDep
 from api.deps import CatalogDep, RedisDep, SettingsDep
 from api.errors import APIError
 from api.llama.common import load_overrides, published_props, save_overrides
@@ -36,9 +37,14 @@ def _as_settings(overrides: dict[str, Any]) -> dict[str, Any]:
 
 @router.get("/props")
 async def get_props(
-    catalog: CatalogDep, client: RedisDep, settings: SettingsDep, model: str | None = None
+    catalog: CatalogDep,
+    client: RedisDep,
+    settings: SettingsDep,
+    principal: PrincipalDep,
+    model: str | None = None,
 ) -> dict[str, Any]:
     name = await catalog.named_or_default(model)
+    principal.require_model(name)
     raw = await published_props(client, name, why="its properties come from its workers")
     props: dict[str, Any] = json.loads(raw)
     params = dict(props.get("params", {}))
@@ -83,10 +89,12 @@ async def set_props(
     catalog: CatalogDep,
     client: RedisDep,
     settings: SettingsDep,
+    principal: AdminDep,
     model: str | None = None,
 ) -> dict[str, Any]:
     """Sets the defaults that /completion and /infill requests leave out
-    (`null` removes one). Other fields are listed as ignored."""
+    (`null` removes one). Other fields are listed as ignored. They apply to
+    every caller, so only an admin key (or anyone while auth is off) may."""
     if not settings.props_writable:
         raise APIError(
             403,
@@ -102,6 +110,7 @@ async def set_props(
         raise APIError(400, "the request body must be a JSON object")
     named = body.get("model")
     name = await catalog.named_or_default(model or (named if isinstance(named, str) else None))
+    principal.require_model(name)
     params = _params(body)
     if "max_tokens" in params and "n_predict" not in params:
         params["n_predict"] = params.pop("max_tokens")

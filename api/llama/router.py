@@ -10,6 +10,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
+from api.accounts.principal import current_principal
 from api.catalog import Catalog
 from api.deps import CatalogDep, RunnerDep
 from api.errors import APIError
@@ -35,6 +36,8 @@ async def completion(
     """llama-server's completion: the prompt (strings and token ids) is
     evaluated verbatim, without the model's completion template."""
     model = await catalog.named_or_default(body.model)
+    # Before anything about the model can show in an error.
+    current_principal(request).require_model(model)
     body = await with_defaults(body, request, model)
     config = catalog.registry.models.get(model)
     job = llama_job(
@@ -49,6 +52,8 @@ async def infill(
 ) -> Response:
     """Fill in the middle, with the model's FIM tokens (a 400 when it has none)."""
     model = await catalog.named_or_default(body.model)
+    # Before anything about the model can show in an error.
+    current_principal(request).require_model(model)
     body = await with_defaults(body, request, model)
     config = catalog.registry.models.get(model)
     job = llama_job(request, body, model, config, "llama.infill", infill=body.infill())
@@ -57,6 +62,8 @@ async def infill(
 
 async def _vocab(request: Request, catalog: Catalog, name: str | None) -> Vocab:
     model = await catalog.named_or_default(name)
+    # No job runs here, so the key's model list is checked by hand.
+    current_principal(request).require_model(model)
     vocabs: VocabCache = request.app.state.vocabs
     try:
         return await run_in_threadpool(vocabs.get, model, catalog.registry.models.get(model))

@@ -62,7 +62,7 @@ def openai_body(
         "model": job.model,
         "system_fingerprint": None,
         "choices": choices,
-        "usage": usage_dict(done.usage),
+        "usage": usage_dict(done.usage, done.tokens_cached),
     }
 
 
@@ -74,7 +74,7 @@ def edit_body(
         "object": "edit",
         "created": created,
         "choices": [{"index": r.index, "text": choice_text(r, parts)} for r in done.choices],
-        "usage": usage_dict(done.usage),
+        "usage": usage_dict(done.usage, done.tokens_cached),
     }
 
 
@@ -117,7 +117,7 @@ def generate_body(n: int, with_logprobs: bool) -> Renderer:
             "choices": choices,
             # vLLM's /generate answers {"text": [...]}: the same texts, for its clients.
             "text": [c["text"] for c in choices],
-            "usage": usage_dict(done.usage),
+            "usage": usage_dict(done.usage, done.tokens_cached),
         }
 
     return render

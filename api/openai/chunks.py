@@ -13,11 +13,14 @@ from api.openai import logprobs
 from schemas.events import TokenEvent, Usage
 
 
-def usage_dict(usage: Usage) -> dict[str, int]:
+def usage_dict(usage: Usage, cached: int = 0) -> dict[str, Any]:
+    """OpenAI's usage object; `cached`: prompt tokens reused from the KV cache
+    (OpenAI's prompt_tokens_details.cached_tokens), as the usage rows count them."""
     return {
         "prompt_tokens": usage.prompt_tokens,
         "completion_tokens": usage.completion_tokens,
         "total_tokens": usage.total_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached},
     }
 
 
@@ -82,5 +85,6 @@ class ChunkFormat:
             body = b'{"index":%d,"text":"","logprobs":null,"finish_reason":%s}'
         return self._head + body % (index, json.dumps(reason).encode()) + b"]}\n\n"
 
-    def usage(self, usage: Usage) -> bytes:
-        return self._head + b'],"usage":' + json.dumps(usage_dict(usage)).encode() + b"}\n\n"
+    def usage(self, usage: Usage, cached: int = 0) -> bytes:
+        body = json.dumps(usage_dict(usage, cached)).encode()
+        return self._head + b'],"usage":' + body + b"}\n\n"

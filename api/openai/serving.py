@@ -69,7 +69,7 @@ class OpenAIStream:
                     yield fmt.token(choice.index, json.dumps(held).encode())
             yield fmt.finish(choice.index, reason)
         if self.include_usage:
-            yield fmt.usage(done.usage)
+            yield fmt.usage(done.usage, done.tokens_cached)
 
 
 async def serve(

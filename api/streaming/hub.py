@@ -81,7 +81,7 @@ class StreamHub:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._reader
         with contextlib.suppress(Exception):
-            await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+            await self._pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]
 
     async def _subscribe(self, channel: bytes, *, start_reader: bool = False) -> None:
         confirmed = asyncio.get_running_loop().create_future()

@@ -15,7 +15,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 from celery import Celery
@@ -24,7 +24,10 @@ from kombu.exceptions import OperationalError
 from redis.exceptions import RedisError
 from starlette.concurrency import run_in_threadpool
 
+from api.accounts import limits
+from api.accounts.principal import OPEN, Principal
 from api.errors import APIError
+from api.metrics import instruments
 from api.streaming import backpressure
 from api.streaming.hub import StreamHub, redis_unavailable
 from api.streaming.watch import Tracked
@@ -62,6 +65,12 @@ class JobStream:
     attempt_channels: list[bytes] = field(default_factory=list)
     # The job's place in its model's backpressure count, until accepted.
     ticket: backpressure.Ticket | None = None
+    # For api/metrics: when it was queued and its first token came
+    # (monotonic), the terminal event, and whether the client left first.
+    started: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+    end: Event | None = None
+    left: bool = False
 
     async def next(self, *, idle: float | None = None) -> Event | None:
         """The next event; None when `idle` seconds pass without one."""
@@ -79,6 +88,8 @@ class JobStream:
             raise _timed_out() from None
         event = decode(raw)
         if isinstance(event, TokenEvent):
+            if not self.tracked.progressed:
+                self.first_token_at = time.monotonic()
             self.tracked.progressed = True
         elif isinstance(event, Accepted):
             # From here the worker's heartbeat, not request_timeout, bounds it.
@@ -91,6 +102,7 @@ class JobStream:
                 backpressure.JOB_TIMES.observe(self.job.model, event.duration_ms / 1000)
             self.finished = True
             self.tracked.ended = True
+            self.end = event
         return event
 
     async def first(self, *, patience: float) -> tuple[Accepted | None, Event | None]:
@@ -113,6 +125,11 @@ class JobRunner:
     redis: aioredis.Redis
     hub: StreamHub
     celery: Celery
+    # Who the jobs are run for: their model must be one the key may use, and
+    # they are charged to it.
+    principal: Principal = OPEN
+    # The request's state: admission leaves the x-ratelimit-* headers there.
+    request_state: Any = None
 
     async def _enqueue(self, job: GenerateJob | EmbedJob, *, expires: float | None = None) -> None:
         task = keys.TASK_EMBED if isinstance(job, EmbedJob) else keys.TASK_GENERATE
@@ -151,16 +168,26 @@ class JobRunner:
 
     @contextlib.asynccontextmanager
     async def run(self, job: GenerateJob | EmbedJob) -> AsyncIterator[JobStream]:
+        self.principal.require_model(job.model)
         # A model without a live worker: a 503 now, not a wait for the timeout.
         await self.hub.watch.require_worker(job.model)
+        # The key's rate limits (a 429 here enqueues nothing); the account
+        # carries the reservation the worker settles.
+        job.account = await limits.admit(self.redis, self.principal, job, self.request_state)
         async with self.hub.subscribe(keys.stream_channel(job.request_id)) as queue:
             if isinstance(job, GenerateJob):
                 job.enqueued_at = time.time()
-            ticket = await backpressure.admit(self.redis, self.settings, job.model)
+            started = time.monotonic()
+            try:
+                ticket = await backpressure.admit(self.redis, self.settings, job.model)
+            except BaseException:
+                await limits.refund(self.redis, self.principal, job)
+                raise
             try:
                 await self._enqueue(job)
             except BaseException:
                 ticket.release()
+                await limits.refund(self.redis, self.principal, job)
                 raise
             stream = JobStream(
                 job,
@@ -170,10 +197,14 @@ class JobRunner:
                 ping_interval=self.settings.sse_ping_interval,
                 request_id=job.request_id,
                 ticket=ticket,
+                started=started,
             )
             self.hub.watch.add(stream.tracked)
             try:
                 yield stream
+            except BaseException as exc:
+                stream.left = _client_left(exc)
+                raise
             finally:
                 ticket.release()
                 self.hub.watch.discard(stream.tracked)
@@ -183,6 +214,7 @@ class JobRunner:
                     # The client left (or timed out) before the end, or the API
                     # ended the stream itself (worker lost, Redis gone).
                     self.hub.spawn(self.cancel(job, stream.request_id))
+                instruments.job_ended(stream)
 
     async def _requeue(self, stream: JobStream) -> bool:
         """Queue the job again under a new id because its worker died before
@@ -223,7 +255,8 @@ class JobRunner:
         stream = await stack.enter_async_context(self.run(job))
         try:
             decided = await unless_disconnected(request, decide(stream))
-        except BaseException:
+        except BaseException as exc:
+            stream.left = _client_left(exc)
             await stack.aclose()
             raise
         return stack, stream, decided
@@ -240,6 +273,12 @@ async def wait_disconnect(request: Request) -> None:
 
 class ClientGone(Exception):
     """The client closed the connection before the answer was ready."""
+
+
+def _client_left(exc: BaseException) -> bool:
+    # A stream closed under the relay (GeneratorExit) or cancelled with the
+    # request's task: the client went away.
+    return isinstance(exc, (ClientGone, asyncio.CancelledError, GeneratorExit))
 
 
 async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:

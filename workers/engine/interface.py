@@ -13,6 +13,7 @@ from typing import Protocol
 from schemas.events import Done, ErrorEvent
 from schemas.jobs import GenerateJob
 from schemas.registry import ModelConfig
+from schemas.worker_stats import WorkStats
 from workers.engine.types import EmbedRequest, EngineRequest, Sampling
 
 
@@ -89,6 +90,12 @@ class GenerationEngine(Protocol):
         """Stop a request at the next step (it ends with a cancelled answer)."""
         ...
 
+    def metrics(self) -> WorkStats:
+        """Cumulative counters and current gauges for the heartbeat (GET
+        /metrics); cheap, callable from any thread. What an engine does not
+        count stays 0."""
+        ...
+
     def close(self) -> None:
         """Stop the engine; every request still in it ends (503)."""
         ...
@@ -113,5 +120,9 @@ class Embedder(Protocol):
     def pair_tokens(self, query: str, document: str) -> list[int]: ...
 
     def submit(self, request: EmbedRequest) -> None: ...
+
+    def metrics(self) -> WorkStats:
+        """As GenerationEngine.metrics; an embedder counts fewer figures."""
+        ...
 
     def close(self) -> None: ...

@@ -106,7 +106,7 @@ def test_invalid_file_fails_with_line_errors(stack: Stack) -> None:
 
 def test_create_rejects_bad_requests(stack: Stack) -> None:
     client = stack.client()
-    with pytest.raises(openai.BadRequestError) as exc:
+    with pytest.raises(openai.NotFoundError) as exc:
         client.batches.create(
             input_file_id="file-nope",
             endpoint="/v1/chat/completions",

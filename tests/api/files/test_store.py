@@ -8,17 +8,12 @@ import pytest
 from sqlalchemy import Engine, delete, func, select
 
 from api.files import store as files_store
-from inferq.migrate import upgrade
-from schemas.db import make_engine
 from schemas.tables import FileChunk, FileRecord
 
 
 @pytest.fixture
-def db(pg_url: str) -> Iterator[Engine]:
-    upgrade(pg_url)
-    engine = make_engine(pg_url)
-    yield engine
-    engine.dispose()
+def db(pg_engine: Engine) -> Engine:
+    return pg_engine
 
 
 def _chunks(db: Engine) -> int:

@@ -77,7 +77,8 @@ def test_openai_chunks_are_spliced_and_closed_by_done() -> None:
         HEAD + b'{"index":0,"delta":{"content":"a"},"logprobs":null,"finish_reason":null}]}\n\n',
         HEAD + b'{"index":0,"delta":{"content":" b"},"logprobs":null,"finish_reason":null}]}\n\n',
         HEAD + b'{"index":0,"delta":{},"logprobs":null,"finish_reason":"stop"}]}\n\n',
-        HEAD + b'],"usage":{"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}}\n\n',
+        HEAD + b'],"usage":{"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5, '
+        b'"prompt_tokens_details": {"cached_tokens": 0}}}\n\n',
         relay.DONE,
     ]
 

@@ -26,6 +26,7 @@ import llama_cpp
 import numpy as np
 
 from schemas.llama_vocab import load_model, tokenize
+from schemas.worker_stats import WorkStats
 from workers.engine.llama.lifecycle import EngineThread
 from workers.engine.llama.model import new_context
 from workers.engine.types import BULK, INTERACTIVE, EmbedRequest, cosine
@@ -49,6 +50,7 @@ POOLING = {
 class EmbedStats:
     decodes: int = 0
     inputs: int = 0
+    tokens: int = 0
 
 
 class EmbeddingEngine(EngineThread):
@@ -140,6 +142,18 @@ class EmbeddingEngine(EngineThread):
                 request.done()
             self._wake.notify()
 
+    def metrics(self) -> WorkStats:
+        """What an embedding engine counts: tokens embedded, decodes, the
+        inputs packed into them (its busy slots) and the inputs waiting."""
+        waiting = sum(len(queue) for queue in list(self._queues.values()))
+        stats = self.stats
+        return WorkStats(
+            prompt_tokens=stats.tokens,
+            decodes=stats.decodes,
+            busy_slots=stats.inputs,
+            deferred=waiting,
+        )
+
     def close(self) -> None:
         self._stop_thread()
         llama_cpp.llama_batch_free(self._batch)
@@ -202,6 +216,7 @@ class EmbeddingEngine(EngineThread):
             raise RuntimeError(f"llama.cpp returned {rc}")
         self.stats.decodes += 1
         self.stats.inputs += len(packed)
+        self.stats.tokens += n
         for seq, (request, index) in enumerate(packed):
             pointer = llama_cpp.llama_get_embeddings_seq(self.ctx, seq)
             values = np.ctypeslib.as_array(

@@ -21,6 +21,7 @@ import llama_cpp
 from schemas.events import Done, ErrorEvent, encode
 from schemas.jobs import GenerateJob
 from schemas.registry import ModelConfig
+from schemas.worker_stats import WorkStats
 from workers.engine.interface import InvalidRequest
 from workers.engine.llama import beam
 from workers.engine.llama.admission import next_request, preempt_for_interactive
@@ -36,9 +37,10 @@ from workers.engine.llama.lifecycle import (
 from workers.engine.llama.limits import check_request, safe_sampling
 from workers.engine.llama.model import LlamaModel
 from workers.engine.llama.options import SamplingError, resolve_sampling
-from workers.engine.llama.sequence import EngineStats, Group, Sequence
+from workers.engine.llama.sequence import Group, Sequence
 from workers.engine.llama.slots import Slots
 from workers.engine.llama.starting import start
+from workers.engine.llama.stats import EngineStats, snapshot
 from workers.engine.llama.tokens import End, Out, close_choice, take_token
 from workers.engine.types import (
     PROMPT_TOKEN_BUDGET_S,
@@ -97,6 +99,11 @@ class LlamaEngine(EngineThread):
     def check_fits(self, prompt_tokens: int, max_tokens: int | None, n: int = 1) -> None:
         """Raise unless the prompt (+ max_tokens) fits a slot and n slots exist."""
         check_fits(prompt_tokens, max_tokens, n, n_ctx=self.n_ctx_per_slot, n_slots=self.n_slots)
+
+    def metrics(self) -> WorkStats:
+        """The engine's counters and gauges, for the worker's heartbeat."""
+        queues = (self._waiting, self._incoming)
+        return snapshot(self.stats, self._slots.tokens, self.n_ctx_per_slot, self._active, queues)
 
     def submit(self, *requests: EngineRequest) -> None:
         """Queue requests; several given together join the same step."""
@@ -252,6 +259,7 @@ class LlamaEngine(EngineThread):
                     self._cancel_group(seq.group, out)
         if not self._active:
             return
+        self.stats.begin_step()
         stepping, chunks = plan(self._active, self.model.n_batch)
         # Laid out in ascending slot order: without a unified KV cache
         # llama.cpp only puts consecutive sequence ids into one micro-batch,
@@ -287,7 +295,7 @@ class LlamaEngine(EngineThread):
                 if seq in self._active:
                     self._fail(seq.group, out, f"inference failed: llama_decode returned {rc}")
             return
-        self.stats.steps += 1
+        self.stats.decoded(busy=len(self._active))
         for primary in completed:
             if primary in self._active:
                 primary.group.prompt_done = time.perf_counter()
@@ -311,6 +319,7 @@ class LlamaEngine(EngineThread):
             if group_seqs[0] in self._active:
                 with self._isolated(group, out, "beam search"):
                     self._advance_beams(sorted(group_seqs, key=lambda s: s.index), out)
+        self.stats.end_step(n, len(in_batch))
 
     @contextlib.contextmanager
     def _isolated(self, group: Group, out: Out, what: str) -> Iterator[None]:

@@ -16,15 +16,6 @@ from workers.engine.llama.text import TextAssembler
 from workers.engine.types import EngineRequest
 
 
-@dataclass
-class EngineStats:
-    steps: int = 0
-    prompt_tokens_evaluated: int = 0
-    prompt_tokens_cached: int = 0
-    tokens_generated: int = 0
-    preempted: int = 0
-
-
 @dataclass(eq=False)
 class Group:
     request: EngineRequest

@@ -9,7 +9,8 @@ import time
 from schemas.events import encode_token, encode_token_logprobs
 from workers.engine.llama.model import LlamaModel
 from workers.engine.llama.sampling import logprob_entry
-from workers.engine.llama.sequence import EngineStats, Sequence
+from workers.engine.llama.sequence import Sequence
+from workers.engine.llama.stats import EngineStats
 
 # The events of one engine step, as (request id, encoded event).
 Out = list[tuple[str, bytes]]

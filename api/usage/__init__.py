@@ -1,0 +1,1 @@
+"""/v1/usage: token usage per key, model, endpoint and day."""
