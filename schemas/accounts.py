@@ -17,7 +17,8 @@ class QuotaRule(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str | None = None
+    # A model name (it becomes part of a Redis key, so bounded like one).
+    model: str | None = Field(default=None, min_length=1, max_length=255)
     window: int = Field(ge=MINUTE, le=MAX_WINDOW)
     max_requests: int | None = Field(default=None, gt=0)
     max_tokens: int | None = Field(default=None, gt=0)

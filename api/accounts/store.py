@@ -199,10 +199,18 @@ def try_announce(redis_url: str, *, timeout: float = 2.0) -> bool:
         client.close()
 
 
+# The longest duration a key may be given: 100 years.
+MAX_DURATION_S = 36500 * 86400
+
+
 def parse_duration(text: str) -> timedelta:
     """`30d`, `12h`, `45m`, `90s`, or `2w` as a duration (a ValueError else)."""
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
     text = text.strip().lower()
     if len(text) < 2 or text[-1] not in units or not text[:-1].isdigit() or int(text[:-1]) <= 0:
         raise ValueError(f"a duration like 30d, 12h or 45m, not {text!r}")
-    return timedelta(seconds=int(text[:-1]) * units[text[-1]])
+    seconds = int(text[:-1]) * units[text[-1]]
+    if seconds > MAX_DURATION_S:
+        # Past this, timedelta and the expiry's datetime overflow (a 500).
+        raise ValueError(f"at most {MAX_DURATION_S // 86400} days, not {text!r}")
+    return timedelta(seconds=seconds)

@@ -137,6 +137,10 @@ def test_admin_routes(accounts: Fleet) -> None:
         assert changed.json()["name"] == "renamed"
         bad = http.post("/v1/admin/keys", json={"name": "x", "rpm": -1}, headers=as_key(admin))
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "rpm"
+        forever = {"name": "x", "expires_in": "9" * 30 + "d"}
+        too_long = http.post("/v1/admin/keys", json=forever, headers=as_key(admin))
+        assert too_long.status_code == 400, too_long.text
+        assert too_long.json()["error"]["param"] == "expires_in"
         rotated = http.post(f"/v1/admin/keys/{key_id}/rotate", headers=as_key(admin))
         assert rotated.status_code == 200
         assert chat(accounts, as_key(token)).status_code == 401
