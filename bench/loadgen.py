@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import logging
+import statistics
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -50,10 +52,11 @@ def request_body(job: Job, model: str, ignore_eos: bool) -> dict[str, Any]:
         "prompt": job.prompt,
         "max_tokens": job.max_tokens,
         "temperature": job.temperature,
-        "seed": job.seed,
         "stream": True,
         "stream_options": {"include_usage": True},
     }
+    if job.seed is not None:
+        body["seed"] = job.seed
     if ignore_eos:
         # llama-server honours it; servers that do not know it must ignore it,
         # and the token count then comes from what was actually generated.
@@ -95,6 +98,7 @@ async def stream_one(
     sent = time.perf_counter()
     ttft: float | None = None
     chunks = 0
+    stamps: list[float] = []
     usage: dict[str, Any] | None = None
     finish: str | None = None
     try:
@@ -108,6 +112,7 @@ async def stream_one(
                     raise RuntimeError(f"stream error: {chunk['error']}")
                 if chunk_text(chunk):
                     chunks += 1
+                    stamps.append(time.perf_counter())
                     if ttft is None:
                         ttft = time.perf_counter() - sent
                 for choice in chunk.get("choices") or []:
@@ -120,6 +125,9 @@ async def stream_one(
     duration = time.perf_counter() - sent
     tokens = int(usage["completion_tokens"]) if usage else chunks
     prompt_tokens = int(usage["prompt_tokens"]) if usage and "prompt_tokens" in usage else None
+    details = (usage or {}).get("prompt_tokens_details") or {}
+    cached = details.get("cached_tokens")
+    gaps = [b - a for a, b in itertools.pairwise(stamps)]
     return RequestResult(
         index=job.index,
         ttft_s=ttft,
@@ -129,6 +137,8 @@ async def stream_one(
         prompt_tokens=prompt_tokens,
         usage_reported=usage is not None,
         finish_reason=finish,
+        itl_s=statistics.median(gaps) if gaps else None,
+        cached_tokens=None if cached is None else int(cached),
     )
 
 

@@ -148,15 +148,17 @@ def _measure(
         with services.serve(service) as (proc, took):
             log.info("%s healthy after %.1f s", label, took)
             monitor = LoadMonitor(lambda: [proc.pid], loadgen_pid=os.getpid())
-            return asyncio.run(_levels(args, service.url, system, monitor))
+            return asyncio.run(levels(args, service.url, system, monitor))
     finally:
         if problems := _problems(service.log_path):
             facts.notes.append(f"{label}: {problems} {complaint}")
 
 
-async def _levels(
+async def levels(
     args: argparse.Namespace, url: str, system: str, monitor: LoadMonitor
 ) -> list[LevelResult]:
+    """The closed-loop levels of `args` (level_list, rounds, min_requests)
+    against `url`, the machine's load probed around each."""
     return await run_levels(
         url,
         system=system,

@@ -72,7 +72,9 @@ class Job:
 
     index: int
     prompt: str
-    seed: int
+    # None: no seed is sent (inferq evaluates a seeded prompt in full, for
+    # reproducibility, so a seed would keep the prefix cache out of play).
+    seed: int | None
     max_tokens: int = MAX_TOKENS
     temperature: float = TEMPERATURE
 
@@ -114,6 +116,10 @@ class RequestResult:
     usage_reported: bool = False
     finish_reason: str | None = None
     error: str | None = None
+    # Median gap between this request's streamed content chunks (None with
+    # fewer than two chunks), and the prompt tokens the server said it reused.
+    itl_s: float | None = None
+    cached_tokens: int | None = None
 
 
 @dataclass
@@ -144,6 +150,15 @@ class LevelResult:
     def ttft(self, q: float) -> float | None:
         values = [r.ttft_s for r in self.ok if r.ttft_s is not None]
         return percentile(values, q) if values else None
+
+    def itl(self, q: float) -> float | None:
+        """Percentile over requests of each request's median inter-chunk gap."""
+        values = [r.itl_s for r in self.ok if r.itl_s is not None]
+        return percentile(values, q) if values else None
+
+    def cached_tokens(self) -> int | None:
+        values = [r.cached_tokens for r in self.ok if r.cached_tokens is not None]
+        return sum(values) if values else None
 
     def mean_tokens(self) -> float:
         ok = self.ok

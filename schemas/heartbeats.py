@@ -1,7 +1,7 @@
 """Reading the workers' heartbeats (keys.WORKERS: one JSON entry per worker,
 written by workers/presence.Heartbeat): who is alive, for which model, with
-how many slots. One reader for the catalog, the worker watch, backpressure
-and the batch scheduler."""
+how many slots (interactive, and for batch lines). One reader for the
+catalog, the worker watch, backpressure and the batch scheduler."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ class Beat:
     model: str
     slots: int
     expires_at: float
+    # Sequences the worker runs for batch lines (older workers: its slots).
+    bulk_slots: int = 0
 
     def alive(self, now: float) -> bool:
         return self.expires_at > now
@@ -34,6 +36,7 @@ def read_beats(values: Iterable[bytes | str]) -> list[Beat]:
                     model=str(info["model"]),
                     slots=int(info.get("slots", 1)),
                     expires_at=float(info.get("expires_at", 0)),
+                    bulk_slots=int(info.get("bulk_slots", info.get("slots", 1))),
                 )
             )
         except (ValueError, KeyError, TypeError, AttributeError):
@@ -41,10 +44,10 @@ def read_beats(values: Iterable[bytes | str]) -> list[Beat]:
     return beats
 
 
-def live_slots(values: Iterable[bytes | str], now: float) -> dict[str, int]:
-    """Slots of the live workers, per model."""
+def live_slots(values: Iterable[bytes | str], now: float, *, bulk: bool = False) -> dict[str, int]:
+    """Slots of the live workers, per model (`bulk`: their batch-line sequences)."""
     slots: dict[str, int] = {}
     for beat in read_beats(values):
         if beat.alive(now):
-            slots[beat.model] = slots.get(beat.model, 0) + beat.slots
+            slots[beat.model] = slots.get(beat.model, 0) + (beat.bulk_slots if bulk else beat.slots)
     return slots

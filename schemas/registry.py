@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,15 @@ class Parameters(BaseModel):
     max_tokens: int | None = None
 
 
+# Defaults measured on the demo model (docs/benchmarks.md, issue 13).
+BULK_PARALLEL = 32
+PREFIX_CACHE_TOKENS = 4096
+# llama.cpp holds at most 256 sequences in one context; PREFIX_ENTRIES of
+# them hold the prefix cache's entries (workers.engine.llama.prefix_cache).
+PREFIX_ENTRIES = 16
+MAX_SEQUENCES = 256 - PREFIX_ENTRIES
+
+
 class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -54,7 +63,21 @@ class ModelConfig(BaseModel):
     context_size: int = Field(default=2048, ge=16)
     threads: int | None = Field(default=None, ge=1)
     gpu_layers: int = Field(default=0, ge=-1)
-    parallel: int = Field(default=4, ge=1, le=256)
+    parallel: int = Field(default=4, ge=1, le=MAX_SEQUENCES)
+    # Sequences a worker runs for batch lines beside its `parallel`
+    # interactive slots: bulk work wants the engine's best batch, not a slot
+    # reserved for an interactive user (default measured, docs/benchmarks.md).
+    bulk_parallel: int = Field(default=BULK_PARALLEL, ge=1, le=MAX_SEQUENCES)
+    # Cells of the KV cache all sequences share (default: context_size x
+    # parallel, one full context per slot); a request reserves its prompt
+    # plus max_tokens of them, and waits until they are free.
+    kv_cache_size: int | None = Field(default=None, ge=16)
+    # Tokens of recent prompts kept for reuse by later ones (0: none). Every
+    # cached cell is attended to, masked, in each decode: keep it modest.
+    prefix_cache_tokens: int = Field(default=PREFIX_CACHE_TOKENS, ge=0)
+    # How much slower an interactive token may become while bulk lines share
+    # the engine's steps (the bulk share of each step shrinks to keep it).
+    interactive_slowdown: float = Field(default=1.5, ge=1.0, le=100.0)
     f16: bool = True
     stopwords: list[str] = Field(default_factory=list)
     template: TemplateConfig = Field(default_factory=TemplateConfig)
@@ -81,6 +104,24 @@ class ModelConfig(BaseModel):
         if value & (value - 1):
             raise ValueError("must be a power of two (1, 2, 4, ... 256)")
         return value
+
+    @model_validator(mode="after")
+    def _fits_the_cache(self) -> ModelConfig:
+        if self.parallel + self.bulk_parallel > MAX_SEQUENCES:
+            raise ValueError(
+                f"parallel + bulk_parallel is {self.parallel + self.bulk_parallel}; "
+                f"one worker runs at most {MAX_SEQUENCES} sequences"
+            )
+        if self.kv_cache_size is not None and self.kv_cache_size < self.context_size:
+            raise ValueError(
+                f"kv_cache_size ({self.kv_cache_size}) must hold at least one "
+                f"context of context_size ({self.context_size}) tokens"
+            )
+        return self
+
+    @property
+    def kv_cells(self) -> int:
+        return self.kv_cache_size or self.context_size * self.parallel
 
     @property
     def generates(self) -> bool:

@@ -18,7 +18,7 @@ from schemas import keys
 from schemas.db import make_engine
 from schemas.queue import make_celery
 from schemas.redis_client import sync_client
-from schemas.registry import ModelConfig, load_registry
+from schemas.registry import PREFIX_ENTRIES, ModelConfig, load_registry
 from schemas.settings import get_settings
 
 if TYPE_CHECKING:
@@ -134,6 +134,8 @@ def run_worker(model_name: str, *, gpu: int | None = None) -> int:
         worker_id=worker_id,
         interval=settings.heartbeat_interval,
         slots=config.parallel,
+        # The scheduler keeps this many batch lines per sequence in flight.
+        bulk_slots=config.bulk_parallel if runtime is not None else config.parallel,
         # Redis came back empty (restarted): announce the props again.
         on_register=announce,
         # Requests whose events a Redis outage swallowed hear of it.
@@ -209,6 +211,9 @@ def _generation_runtime(
         ContextOptions(
             n_slots=config.parallel,
             n_ctx_per_slot=config.context_size,
+            n_bulk=config.bulk_parallel,
+            kv_cells=config.kv_cells,
+            n_holders=PREFIX_ENTRIES,
             n_threads=config.threads,
             gpu_layers=config.gpu_layers,
             f16_kv=config.f16,
@@ -220,7 +225,12 @@ def _generation_runtime(
         bos_token=model.bos_text,
         eos_token=model.eos_text,
     )
-    engine = LlamaEngine(model, sink)
+    engine = LlamaEngine(
+        model,
+        sink,
+        prefix_cache_tokens=config.prefix_cache_tokens,
+        interactive_slowdown=config.interactive_slowdown,
+    )
     # llama-server's endpoints shape their prompts themselves.
     table = shapers(engine)
     return WorkerRuntime(config, engine, prompts, client, db, running, worker_id, table), engine

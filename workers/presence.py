@@ -42,6 +42,7 @@ class Heartbeat:
         worker_id: str,
         interval: float,
         slots: int,
+        bulk_slots: int | None = None,
         on_register: Callable[[], None] | None = None,
         after_beat: Callable[[], None] | None = None,
         stats: Callable[[], dict[str, float]] | None = None,
@@ -54,6 +55,7 @@ class Heartbeat:
             "hostname": socket.gethostname(),
             "pid": os.getpid(),
             "slots": slots,
+            "bulk_slots": slots if bulk_slots is None else bulk_slots,
             "started_at": time.time(),
             "interval": interval,
         }

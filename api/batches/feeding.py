@@ -30,8 +30,8 @@ def reclaim(db: Engine, settings: Settings, fence: Fence) -> None:
 
 
 def live_slots(client: redis.Redis) -> dict[str, int]:
-    """Live worker slots per model, from the workers' heartbeats."""
-    return heartbeats.live_slots(client.hgetall(keys.WORKERS).values(), time.time())
+    """Live workers' sequences for batch lines per model, from their heartbeats."""
+    return heartbeats.live_slots(client.hgetall(keys.WORKERS).values(), time.time(), bulk=True)
 
 
 def feed_model(

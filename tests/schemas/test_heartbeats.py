@@ -26,3 +26,16 @@ def test_live_slots_per_model_skip_expired_and_malformed_entries() -> None:
     beats = read_beats(values)
     assert [b.worker_id for b in beats] == ["a", "b", "c", "d"]
     assert [b.alive(100.0) for b in beats] == [True, True, False, True]
+
+
+def test_batch_lines_count_the_bulk_sequences() -> None:
+    def beat(worker: str, bulk: int | None) -> bytes:
+        info = {"worker_id": worker, "model": "gemma", "slots": 4, "expires_at": 110.0}
+        if bulk is not None:
+            info["bulk_slots"] = bulk
+        return json.dumps(info).encode()
+
+    # A worker from before bulk_slots counts its interactive slots for both.
+    values = [beat("a", 32), beat("b", None)]
+    assert live_slots(values, now=100.0) == {"gemma": 8}
+    assert live_slots(values, now=100.0, bulk=True) == {"gemma": 36}

@@ -101,3 +101,22 @@ def test_embedding_seqs_must_be_a_power_of_two(tmp_path: Path) -> None:
     registry = load_registry(tmp_path)
     assert set(registry.models) == {"sixteen"}
     assert any("twelve.yaml" in e and "power of two" in e for e in registry.errors)
+
+
+def test_bulk_sequences_and_kv_cache_bounds(tmp_path: Path) -> None:
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    base = "parameters:\n  model: m.gguf\ncontext_size: 1024\n"
+    _write(tmp_path / "default.yaml", f"name: default\n{base}parallel: 8\n")
+    _write(
+        tmp_path / "shared.yaml", f"name: shared\n{base}bulk_parallel: 16\nkv_cache_size: 4096\n"
+    )
+    _write(tmp_path / "wide.yaml", f"name: wide\n{base}parallel: 200\nbulk_parallel: 100\n")
+    _write(tmp_path / "small.yaml", f"name: small\n{base}kv_cache_size: 512\n")
+    registry = load_registry(tmp_path)
+    assert set(registry.models) == {"default", "shared"}
+    # One full context per interactive slot unless the cache size is given.
+    assert registry.models["default"].kv_cells == 8 * 1024
+    assert registry.models["shared"].kv_cells == 4096
+    assert registry.models["shared"].bulk_parallel == 16
+    assert any("wide.yaml" in e and "bulk_parallel" in e for e in registry.errors)
+    assert any("small.yaml" in e and "kv_cache_size" in e for e in registry.errors)

@@ -39,17 +39,20 @@ def model_dir(
     *,
     context: int,
     parallel: int,
+    bulk_parallel: int | None = None,
     name: str = MODEL,
     unserved: bool = False,
 ) -> Path:
-    """`root/models` with the tiny llama as `name`; with `unserved`, also a
-    model `other` that no worker will ever serve."""
+    """`root/models` with the tiny llama as `name` (`bulk_parallel` sequences
+    for batch lines, else the default); with `unserved`, also a model
+    `other` that no worker will ever serve."""
     models = root / "models"
     models.mkdir()
     (models / "tiny.gguf").write_bytes(gguf.read_bytes())
     (models / "tiny.yaml").write_text(
         f"name: {name}\nparameters:\n  model: tiny.gguf\ncontext_size: {context}\n"
         f"parallel: {parallel}\nthreads: 1\n"
+        + ("" if bulk_parallel is None else f"bulk_parallel: {bulk_parallel}\n")
     )
     if unserved:
         (models / "other.yaml").write_text("name: other\nparameters:\n  model: tiny.gguf\n")

@@ -195,13 +195,21 @@ def fleet_on(
     database_url: str,
     context: int,
     parallel: int,
+    bulk_parallel: int | None = None,
     unserved: bool = False,
     settings: Mapping[str, str],
 ) -> Iterator[Fleet]:
     """A migrated fleet on `database_url` with its own Redis and no process
     yet, `settings` in its environment; every process it started is killed
     when the block ends."""
-    models = model_dir(root, tiny_gguf, context=context, parallel=parallel, unserved=unserved)
+    models = model_dir(
+        root,
+        tiny_gguf,
+        context=context,
+        parallel=parallel,
+        bulk_parallel=bulk_parallel,
+        unserved=unserved,
+    )
     server = Restartable(start_redis())
     port = free_port()
     env = stack_env(server.server.url, database_url, models, port, **settings)
@@ -252,6 +260,9 @@ def batch_fleet(
         database_url=database_url,
         context=512,
         parallel=4,
+        # Four lines at a time: a batch lasts long enough for the tests that
+        # strike while it runs (kill a worker, freeze a leader, drop Redis).
+        bulk_parallel=4,
         settings={**FAST_BATCHES, **settings},
     ) as stack:
         stack.start_api(wait=False)

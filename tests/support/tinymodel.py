@@ -280,6 +280,21 @@ def _weights(
     return {name: t.astype(np.float32) for name, t in tensors.items()}
 
 
+def write_vocab(writer: gguf.GGUFWriter, scores: list[float], types: list[int]) -> None:
+    """The tiny vocabulary's scores, types, special tokens and chat template
+    (every tiny generation model shares them)."""
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.add_unk_token_id(UNK_TOKEN_ID)
+    writer.add_bos_token_id(BOS_TOKEN_ID)
+    writer.add_eos_token_id(EOS_TOKEN_ID)
+    # <|im_end|> closes a ChatML turn, so it must end generation (EOG).
+    writer.add_eot_token_id(IM_END_TOKEN_ID)
+    writer.add_add_bos_token(True)
+    writer.add_add_eos_token(False)
+    writer.add_chat_template(CHAT_TEMPLATE)
+
+
 def write_tiny_llama(path: pathlib.Path, *, seed: int = 0, fim: bool = False) -> pathlib.Path:
     """Write the tiny llama GGUF model to ``path`` and return ``path``.
 
@@ -307,16 +322,7 @@ def write_tiny_llama(path: pathlib.Path, *, seed: int = 0, fim: bool = False) ->
         writer.add_vocab_size(len(tokens))
 
     def vocab(writer: gguf.GGUFWriter) -> None:
-        writer.add_token_scores(scores)
-        writer.add_token_types(types)
-        writer.add_unk_token_id(UNK_TOKEN_ID)
-        writer.add_bos_token_id(BOS_TOKEN_ID)
-        writer.add_eos_token_id(EOS_TOKEN_ID)
-        # <|im_end|> closes a ChatML turn, so it must end generation (EOG).
-        writer.add_eot_token_id(IM_END_TOKEN_ID)
-        writer.add_add_bos_token(True)
-        writer.add_add_eos_token(False)
-        writer.add_chat_template(CHAT_TEMPLATE)
+        write_vocab(writer, scores, types)
         for key, token_id in zip(_FIM_KEYS, fim_ids, strict=False):
             writer.add_uint32(key, token_id)
 

@@ -185,6 +185,18 @@ class TooManyChoices(ValueError):
         super().__init__(f"n={n} needs {n} parallel slots; this model has {slots}")
 
 
+class KvCacheExceeded(ContextLengthExceeded):
+    """A request whose choices together need more cells than the KV cache has."""
+
+    def __init__(self, needed: int, kv_cells: int) -> None:
+        ValueError.__init__(
+            self,
+            f"This request needs up to {needed} tokens of KV cache (its prompt plus "
+            f"max_tokens for each choice); this model holds {kv_cells}. Please reduce "
+            "max_tokens, n or the prompt.",
+        )
+
+
 class InvalidSlot(ValueError):
     def __init__(self, slot: int, slots: int) -> None:
         super().__init__(f"id_slot {slot} does not exist: this worker has slots 0 to {slots - 1}")

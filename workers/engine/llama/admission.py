@@ -1,11 +1,12 @@
-"""Which waiting request gets slots next, and which bulk requests give theirs
-up. Interactive requests go first (first come, first served among them); a
-bulk request is admitted only when no interactive request is waiting for
-slots. When interactive requests wait for slots that bulk requests hold, the
-bulk requests that generated least are preempted: their slots are freed and
-they go back to their place in the queue (ahead of every bulk request that
-came after them), to start again from scratch later (recompute, as vLLM
-preempts; their prompt often still sits in a slot's cache). So a running
+"""Which waiting request starts next, and which bulk requests give their
+cells up. Interactive requests go first (first come, first served among
+them), on slots of their own; a bulk request is admitted only when no
+interactive request is waiting for the cache's cells. When interactive
+requests wait for cells that bulk requests hold, the bulk requests that
+generated least are preempted: their sequences end (what they evaluated
+stays in the prefix cache) and they go back to their place in the queue
+(ahead of every bulk request that came after them), to start again later
+(recompute, as vLLM preempts, mostly from the cached prompt). So a running
 batch costs an interactive request at most about the decode step in flight."""
 
 from __future__ import annotations
@@ -13,13 +14,13 @@ from __future__ import annotations
 import itertools
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Sequence as Sequence_
 
-from workers.engine.llama.sequence import Group, Sequence, next_admissible
-from workers.engine.types import INTERACTIVE, EngineRequest
-
-
-def is_bulk(request: EngineRequest) -> bool:
-    return request.priority > INTERACTIVE
+from workers.engine.llama.prefix_cache import BLOCK
+from workers.engine.llama.sequence import Group, Sequence, shared_length, token_bytes
+from workers.engine.llama.slots import Slots, is_bulk
+from workers.engine.llama.starting import reuses_cache
+from workers.engine.types import EngineRequest
 
 
 def admission_order(waiting: Iterable[EngineRequest]) -> Iterator[EngineRequest]:
@@ -31,12 +32,63 @@ def admission_order(waiting: Iterable[EngineRequest]) -> Iterator[EngineRequest]
     )
 
 
-def next_request(waiting: deque[EngineRequest], free_slots: list[int]) -> EngineRequest | None:
-    return next_admissible(admission_order(waiting), free_slots)
+def next_request(
+    waiting: deque[EngineRequest], slots: Slots, active: Sequence_[Sequence] = ()
+) -> EngineRequest | None:
+    """The next waiting request that can start now. A request short of
+    sequence ids in its pool holds up the later ones of its pool only (one
+    pinned to a busy slot, llama-server's id_slot, holds up nobody); one
+    short of cells holds up everyone after it, so a bulk line never takes
+    the cells an earlier request waits for. A request whose prompt starts
+    with what an `active` sequence is evaluating waits for it (holding up
+    nobody): the prefix then goes into the prefix cache and is shared."""
+    blocked: set[bool] = set()
+    evaluating = [s for s in active if s.prefilling and s.request.sampling.cache_prompt]
+    for request in admission_order(waiting):
+        pool = is_bulk(request)
+        if pool in blocked:
+            continue
+        if evaluating and awaits_prefix(request, evaluating, slots):
+            continue
+        verdict = slots.verdict(request, reuse=reuses_cache(request))
+        if verdict.ok:
+            return request
+        if not verdict.lacks_ids:
+            return None
+        if slots.pinned(request) is None:
+            blocked.add(pool)
+    return None
+
+
+def awaits_prefix(request: EngineRequest, evaluating: list[Sequence], slots: Slots) -> bool:
+    """Whether a sequence now evaluating its prompt will put at least a block
+    more of `request`'s prompt in the prefix cache than it holds now. So
+    requests that arrive together with one prefix (a batch's lines, one
+    system prompt) evaluate it once. An interactive request waits only for
+    interactive prompts: never behind a bulk prompt's chunks."""
+    if not reuses_cache(request):
+        return False
+    prompt = request.prompt_tokens
+    limit = len(prompt) - 1  # the last prompt token is evaluated: it yields the logits
+    key: bytes | None = None
+    cached: int | None = None
+    for seq in evaluating:
+        if is_bulk(seq.request) and not is_bulk(request):
+            continue
+        if key is None:
+            key = token_bytes(prompt)
+        shared = min(shared_length(token_bytes(seq.request.prompt_tokens), key), limit)
+        if shared < BLOCK:
+            continue
+        if cached is None:
+            cached = slots.cache.match(prompt, limit=limit)[1]
+        if shared - cached >= BLOCK:
+            return True
+    return False
 
 
 def preemptible(active: list[Sequence]) -> list[Group]:
-    """Bulk groups that could give their slots back, least progress first.
+    """Bulk groups that could give their cells back, least progress first.
     A streamed, published request is left alone: its tokens already reached a
     client, and a restart would send them again."""
     groups: dict[int, Group] = {}
@@ -50,59 +102,35 @@ def preemptible(active: list[Sequence]) -> list[Group]:
 def preempt_for_interactive(
     waiting: deque[EngineRequest],
     active: list[Sequence],
-    free_slots: int,
-    release: Callable[[Group], int],
+    slots: Slots,
+    release: Callable[[Group], None],
 ) -> int:
-    """Free the slots the waiting interactive requests need, in their order,
-    from bulk groups; `release` frees a group's slots (dropping its sequences
-    from `active`) and returns how many. A request that would not fit even
-    then is not helped (it waits for interactive work to end, and so do those
-    behind it): preempting would only idle the slots. One pinned to a slot
-    (llama-server's id_slot) gets that slot back from a bulk group holding it.
-    Preempted requests go back into `waiting` by arrival. Returns the number
-    of groups preempted."""
+    """Free the cells the first waiting interactive request lacks from bulk
+    groups; `release` ends a group (its sequences leave `active`, its cells
+    are unreserved). A request that would not fit even then is not helped:
+    preempting would only idle the cache. Preempted requests go back into
+    `waiting` by arrival. Returns the number of groups preempted."""
     candidates = preemptible(active)
     if not candidates:
         return 0
-    holder = {seq.slot: seq.group for seq in active}
-    size = {id(g): sum(1 for s in active if s.group is g) for g in candidates}
+    first = next((r for r in waiting if not is_bulk(r)), None)
+    if first is None:
+        return 0
+    verdict = slots.verdict(first, reuse=reuses_cache(first))
+    if verdict.ok or verdict.lacks_ids or verdict.cells > sum(g.reserved for g in candidates):
+        return 0
     preempted: list[EngineRequest] = []
-
-    def preempt(group: Group) -> int:
-        candidates.remove(group)
-        for slot in [slot for slot, g in holder.items() if g is group]:
-            del holder[slot]
-        freed = release(group)
+    short = verdict.cells
+    for group in candidates:
+        if short <= 0:
+            break
+        short -= group.reserved
+        release(group)
         group.request.admitted = False
         preempted.append(group.request)
-        return freed
-
-    free = free_slots
-    claimed: set[int] = set()
-    for request in (r for r in waiting if not is_bulk(r)):
-        if request.id_slot is not None:
-            slot = request.id_slot
-            group = holder.get(slot)
-            if group is not None and group in candidates:
-                free += preempt(group)
-                group = None
-            # While its slot is busy with interactive work, next_admissible
-            # skips it and admits those behind it: it claims nothing.
-            if group is None and slot not in claimed and free >= request.sampling.n:
-                claimed.add(slot)
-                free -= request.sampling.n
-            continue
-        need = request.sampling.n
-        if free < need <= free + sum(size[id(g)] for g in candidates):
-            while free < need:
-                free += preempt(candidates[0])
-        if free < need:
-            break
-        free -= need
-    if preempted:
-        # `waiting` is in arrival order (requests are queued as they arrive);
-        # sorted() merges the preempted back into their places.
-        queue = sorted([*waiting, *preempted], key=lambda r: r.arrival)
-        waiting.clear()
-        waiting.extend(queue)
+    # `waiting` is in arrival order (requests are queued as they arrive);
+    # sorted() merges the preempted back into their places.
+    queue = sorted([*waiting, *preempted], key=lambda r: r.arrival)
+    waiting.clear()
+    waiting.extend(queue)
     return len(preempted)

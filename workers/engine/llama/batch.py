@@ -3,39 +3,79 @@
 Generating sequences get one token each, so every stream moves every step;
 prompt chunks fill the rest of the batch (first come, first served,
 interactive prompts before bulk ones), so a long prompt is spread over
-several steps instead of stalling the streams already running, and a bulk
-prompt never delays an interactive first token. While an interactive prompt
-is evaluated, bulk sequences sit the step out: the step is then that prompt
-(and the interactive streams) only, so a running batch delays a first token
-by about the step already under way, not by two full steps. Bulk work loses
-one step per arriving interactive request."""
+several steps instead of stalling the streams already running. Bulk work
+gets what interactive work leaves (workers.engine.llama.pacing): while an
+interactive prompt is evaluated, bulk sequences sit the step out; while
+interactive sequences generate, bulk gets the share that keeps their steps
+within the allowed slowdown, the groups that stepped least recently first;
+with no interactive work, it fills the batch."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import llama_cpp
 import numpy as np
 
-from workers.engine.llama.sequence import Sequence
-from workers.engine.types import INTERACTIVE
+from workers.engine.llama.sequence import Group, Sequence
+from workers.engine.llama.slots import is_bulk
 
 
-def _priority_of(seq: Sequence) -> int:
-    return seq.request.priority
+@dataclass
+class Plan:
+    stepping: list[Sequence] = field(default_factory=list)
+    # Prompt tokens each prefilling sequence evaluates, by id(seq).
+    chunks: dict[int, int] = field(default_factory=dict)
+    # No interactive token in the step: an interactive arrival may abort it.
+    bulk_only: bool = False
 
 
-def plan(active: list[Sequence], n_batch: int) -> tuple[list[Sequence], dict[int, int]]:
-    """The sequences that step (see the module doc), and the prompt tokens
-    each prefilling one evaluates, by id(seq)."""
-    hold = any(s.prefilling and s.request.priority == INTERACTIVE for s in active)
-    stepping = [s for s in active if not (hold and s.request.priority > INTERACTIVE)]
-    budget = n_batch - sum(1 for s in stepping if s.generating)
-    chunks: dict[int, int] = {}
-    for seq in sorted(stepping, key=_priority_of):
+def plan(active: list[Sequence], n_batch: int, bulk_share: Callable[[int], int]) -> Plan:
+    """The sequences that step (see the module doc); `bulk_share(n)`: the bulk
+    tokens a step with n generating interactive tokens may add."""
+    interactive = [s for s in active if not is_bulk(s.request)]
+    out = Plan(stepping=[s for s in interactive if not s.waiting])
+    budget = n_batch - sum(1 for s in out.stepping if s.generating)
+    for seq in out.stepping:
         if budget > 0 and seq.prefilling:
-            take = min(budget, len(seq.request.prompt_tokens) - seq.n_evaluated)
-            chunks[id(seq)] = take
+            out.chunks[id(seq)] = take = min(budget, _left(seq))
             budget -= take
-    return stepping, chunks
+    if any(s.prefilling for s in interactive):
+        return out
+    if out.stepping:
+        bulk_budget = min(budget, bulk_share(len(out.stepping)))
+    else:
+        bulk_budget = budget
+        out.bulk_only = True
+    groups: dict[int, Group] = {}
+    for seq in active:
+        if is_bulk(seq.request):
+            groups.setdefault(id(seq.group), seq.group)
+    # Least recently stepped first, so a small share still moves every line.
+    for group in sorted(groups.values(), key=lambda g: g.last_step):
+        seqs = [s for s in active if s.group is group and not s.waiting]
+        decoding = sum(1 for s in seqs if s.generating)
+        if decoding > bulk_budget and (out.stepping or bulk_budget <= 0):
+            continue
+        group_took = decoding
+        for seq in seqs:
+            if seq.prefilling:
+                take = min(bulk_budget - group_took, _left(seq))
+                if take <= 0:
+                    continue
+                out.chunks[id(seq)] = take
+                group_took += take
+        if group_took == 0:
+            continue
+        out.stepping.extend(seqs)
+        bulk_budget -= group_took
+    out.bulk_only = out.bulk_only and bool(out.stepping)
+    return out
+
+
+def _left(seq: Sequence) -> int:
+    return len(seq.request.prompt_tokens) - seq.n_evaluated
 
 
 class Batch:

@@ -4,28 +4,26 @@ One engine thread owns the context. Every step it decodes, in a single
 `llama_decode`, the next token of every generating sequence plus chunks of
 the prompts still being evaluated, then samples each sequence with its own
 sampler chain. Requests join between steps and leave as soon as they finish,
-freeing their slots; a slot keeps its KV cache so that the next prompt with
-the same prefix only evaluates the rest."""
+freeing their slots; what they evaluated stays in the prefix cache, so the
+next prompt with the same start only evaluates the rest. Interactive work
+keeps its latency while bulk lines run (workers.engine.llama.pacing)."""
 
 from __future__ import annotations
 
 import collections
-import contextlib
 import itertools
 import logging
 import time
-from collections.abc import Iterator
 
-import llama_cpp
-
-from schemas.events import Done, ErrorEvent, encode
+from schemas.events import Done, ErrorEvent
 from schemas.jobs import GenerateJob
-from schemas.registry import ModelConfig
+from schemas.registry import PREFIX_CACHE_TOKENS, ModelConfig
 from schemas.worker_stats import WorkStats
 from workers.engine.interface import InvalidRequest
 from workers.engine.llama import beam
 from workers.engine.llama.admission import next_request, preempt_for_interactive
 from workers.engine.llama.batch import Batch, plan
+from workers.engine.llama.ending import Endings
 from workers.engine.llama.lifecycle import (
     SHUTTING_DOWN,
     EngineThread,
@@ -37,16 +35,20 @@ from workers.engine.llama.lifecycle import (
 from workers.engine.llama.limits import check_request, safe_sampling
 from workers.engine.llama.model import LlamaModel
 from workers.engine.llama.options import SamplingError, resolve_sampling
-from workers.engine.llama.sequence import Group, Sequence
+from workers.engine.llama.pacing import AbortFlag, StepTimes
+from workers.engine.llama.prefix_cache import PrefixCache
+from workers.engine.llama.sequence import Sequence
 from workers.engine.llama.slots import Slots
 from workers.engine.llama.starting import start
 from workers.engine.llama.stats import EngineStats, snapshot
-from workers.engine.llama.tokens import End, Out, close_choice, take_token
+from workers.engine.llama.tokens import Out, take_token
 from workers.engine.types import (
+    INTERACTIVE,
     PROMPT_TOKEN_BUDGET_S,
     TOKEN_BUDGET_S,
     EngineRequest,
     EventSink,
+    KvCacheExceeded,
     Sampling,
     check_fits,
 )
@@ -54,25 +56,37 @@ from workers.engine.types import (
 log = logging.getLogger("inferq.engine")
 
 
-def _slot_of(seq: Sequence) -> int:
-    return seq.slot
-
-
-class LlamaEngine(EngineThread):
+class LlamaEngine(Endings, EngineThread):
     """The llama.cpp GenerationEngine (workers.engine.interface)."""
 
-    def __init__(self, model: LlamaModel, sink: EventSink) -> None:
+    def __init__(
+        self,
+        model: LlamaModel,
+        sink: EventSink,
+        *,
+        prefix_cache_tokens: int = PREFIX_CACHE_TOKENS,
+        interactive_slowdown: float = 1.5,
+    ) -> None:
         super().__init__("llama-engine")
         self.model = model
         self.sink = sink
         self.n_slots = model.n_slots
         self.n_ctx_per_slot = model.n_ctx_per_slot
         self.stats = EngineStats()
+        self.slowdown = interactive_slowdown
         self._incoming: collections.deque[EngineRequest] = collections.deque()
         self._arrivals = itertools.count(1)
+        self._steps = itertools.count(1)
         self._waiting: collections.deque[EngineRequest] = collections.deque()
-        # Tokens whose KV entries each slot holds, for prompt prefix reuse.
-        self._slots = Slots(model)
+        first_holder = model.n_slots + model.n_bulk
+        holders = list(range(first_holder, first_holder + model.n_holders))
+        self.cache = PrefixCache(model, holders, min(prefix_cache_tokens, model.kv_cells))
+        self._slots = Slots(model, self.cache)
+        self._times = StepTimes()
+        self._abort = AbortFlag(model.ctx)
+        # An interactive request came in since the loop last took the queue
+        # (read and written under _wake): a bulk-only step is not started.
+        self._interactive_arrived = False
         self._active: list[Sequence] = []
         self._finished: list[EngineRequest] = []
         self._batch = Batch(model.n_batch)
@@ -97,19 +111,29 @@ class LlamaEngine(EngineThread):
         return safe_sampling(sampling, n_vocab=self.model.n_vocab, n_ctx=self.n_ctx_per_slot)
 
     def check_fits(self, prompt_tokens: int, max_tokens: int | None, n: int = 1) -> None:
-        """Raise unless the prompt (+ max_tokens) fits a slot and n slots exist."""
-        check_fits(prompt_tokens, max_tokens, n, n_ctx=self.n_ctx_per_slot, n_slots=self.n_slots)
+        """Raise unless the prompt (+ max_tokens) fits a slot, n slots exist and
+        all n choices fit the KV cache together."""
+        n_ctx = self.n_ctx_per_slot
+        check_fits(prompt_tokens, max_tokens, n, n_ctx=n_ctx, n_slots=self.n_slots)
+        needed = prompt_tokens + max(n, 1) * (max_tokens or n_ctx - prompt_tokens)
+        if needed > self.model.kv_cells:
+            raise KvCacheExceeded(needed, self.model.kv_cells)
 
     def metrics(self) -> WorkStats:
         """The engine's counters and gauges, for the worker's heartbeat."""
         queues = (self._waiting, self._incoming)
-        return snapshot(self.stats, self._slots.tokens, self.n_ctx_per_slot, self._active, queues)
+        kv_tokens = sum(len(t) for t in list(self._slots.tokens)) + self.cache.tokens
+        return snapshot(self.stats, kv_tokens, self.model.kv_cells, self._active, queues)
 
     def submit(self, *requests: EngineRequest) -> None:
         """Queue requests; several given together join the same step."""
         for request in requests:
             check_request(
-                request, n_ctx=self.n_ctx_per_slot, n_slots=self.n_slots, n_vocab=self.model.n_vocab
+                request,
+                n_ctx=self.n_ctx_per_slot,
+                n_slots=self.n_slots,
+                n_vocab=self.model.n_vocab,
+                kv_cells=self.model.kv_cells,
             )
         with self._wake:
             if self._stopping:
@@ -119,6 +143,12 @@ class LlamaEngine(EngineThread):
             for request in requests:
                 request.arrival = next(self._arrivals)
             self._incoming.extend(requests)
+            if any(r.priority == INTERACTIVE for r in requests):
+                self._interactive_arrived = True
+                if self._abort.armed:
+                    # A bulk-only step is decoding: it ends at its next graph
+                    # node and the arrival's prompt goes into the next step.
+                    self._abort.fire()
             self._wake.notify()
 
     def wait(
@@ -192,6 +222,7 @@ class LlamaEngine(EngineThread):
                     return
                 self._waiting.extend(self._incoming)
                 self._incoming.clear()
+                self._interactive_arrived = False
             out: Out = []
             try:
                 self._admit(out)
@@ -229,28 +260,30 @@ class LlamaEngine(EngineThread):
             end = cancelled_answer(cancelled) if expired is None else error(expired, 504)
             self._finish(cancelled, end, out)
         self.stats.preempted += preempt_for_interactive(
-            self._waiting, self._active, len(self._slots.free), self._give_back
+            self._waiting, self._active, self._slots, self._give_back
         )
-        while (request := next_request(self._waiting, self._slots.free)) is not None:
+        while (request := next_request(self._waiting, self._slots, self._active)) is not None:
             self._waiting.remove(request)
             try:
-                self._start(request)
+                if not self._start(request):
+                    # Its cells were not there after all (a cached prefix it
+                    # counted on could not be shared): it waits in its place.
+                    queue = sorted([*self._waiting, request], key=lambda r: r.arrival)
+                    self._waiting.clear()
+                    self._waiting.extend(queue)
+                    break
             except Exception as exc:
                 log.exception("starting request %s failed", request.request_id)
                 self._finish(request, ErrorEvent(f"the request could not start: {exc}"), out)
 
-    def _start(self, request: EngineRequest) -> None:
+    def _start(self, request: EngineRequest) -> bool:
         seqs = start(request, self._slots, self.model)
+        if seqs is None:
+            return False
         self.stats.prompt_tokens_cached += seqs[0].group.tokens_cached
         request.admitted = True
         self._active.extend(seqs)
-
-    def _give_back(self, group: Group) -> int:
-        """Preemption: free a bulk group's slots, keeping their cache for reuse."""
-        seqs = [s for s in self._active if s.group is group]
-        for seq in seqs:
-            self._release(seq)
-        return len(seqs)
+        return True
 
     def _step(self, out: Out) -> None:
         for seq in [s for s in self._active if s.request.cancelled]:
@@ -260,33 +293,37 @@ class LlamaEngine(EngineThread):
         if not self._active:
             return
         self.stats.begin_step()
-        stepping, chunks = plan(self._active, self.model.n_batch)
-        # Laid out in ascending slot order: without a unified KV cache
-        # llama.cpp only puts consecutive sequence ids into one micro-batch,
-        # and every extra micro-batch is another pass over the weights.
+        started = time.perf_counter()
+        step = plan(self._active, self.model.n_batch, self._bulk_share)
         n = 0
         completed: list[Sequence] = []
         for seq in self._active:
             seq.logits_index = -1
-        in_batch: list[Sequence] = []
-        for seq in sorted(stepping, key=_slot_of):
+        # What each laid-out sequence was before, to undo an aborted step.
+        undo: list[tuple[Sequence, int, int]] = []
+        for seq in step.stepping:
             if seq not in self._active:
                 continue  # its request failed while an earlier sibling was laid out
             with self._isolated(seq.group, out, "preparing the batch"):
-                take = chunks.get(id(seq), 0)
-                if take and seq.group.prompt_started is None:
-                    seq.group.prompt_started = time.perf_counter()
+                take = step.chunks.get(id(seq), 0)
                 cached = self._slots.tokens[seq.slot]
+                before = (seq, seq.n_evaluated, len(cached))
                 added, prompt_done = self._batch.lay_out(seq, n, take, cached)
-                self.stats.prompt_tokens_evaluated += take if added else 0
                 if added:
-                    in_batch.append(seq)
+                    undo.append(before)
                     n += added
                 if prompt_done:
                     completed.append(seq)
         if n == 0:
             return
-        rc = self._batch.decode(self.model.ctx, n)
+        rc = self._decode(n, step.bulk_only)
+        if rc == 2:
+            # Aborted for an interactive arrival: llama.cpp dropped the step's
+            # cells; the sequences go back to where they were.
+            self.stats.aborted += 1
+            self._undo(undo)
+            return
+        in_batch = [seq for seq, _, _ in undo]
         if rc != 0:
             # The one failure that is the step's, not one request's: every
             # request with tokens in this batch fails (their caches are dropped).
@@ -295,6 +332,7 @@ class LlamaEngine(EngineThread):
                 if seq in self._active:
                     self._fail(seq.group, out, f"inference failed: llama_decode returned {rc}")
             return
+        self._account(undo, started)
         self.stats.decoded(busy=len(self._active))
         for primary in completed:
             if primary in self._active:
@@ -321,15 +359,44 @@ class LlamaEngine(EngineThread):
                     self._advance_beams(sorted(group_seqs, key=lambda s: s.index), out)
         self.stats.end_step(n, len(in_batch))
 
-    @contextlib.contextmanager
-    def _isolated(self, group: Group, out: Out, what: str) -> Iterator[None]:
-        """An exception while working on one request fails that request (a 500
-        error event), not the step, the other requests or the worker."""
+    def _bulk_share(self, interactive: int) -> int:
+        return self._times.bulk_share(interactive, self.slowdown)
+
+    def _decode(self, n: int, abortable: bool) -> int:
+        """llama_decode of the laid-out batch, timed for the pacing model; a
+        bulk-only step may be aborted by an interactive arrival (2)."""
+        if abortable:
+            with self._wake:
+                if self._interactive_arrived:
+                    return 2  # one is queued already: not worth starting
+                self._abort.arm()
+        started = time.perf_counter()
         try:
-            yield
-        except Exception as exc:
-            log.exception("%s failed for request %s", what, group.request.request_id)
-            self._fail(group, out, f"inference failed while {what}: {exc}")
+            rc = self._batch.decode(self.model.ctx, n)
+        finally:
+            if abortable:
+                with self._wake:
+                    self._abort.disarm()
+        if rc == 0:
+            self._times.record(n, time.perf_counter() - started)
+        return rc
+
+    def _undo(self, undo: list[tuple[Sequence, int, int]]) -> None:
+        for seq, n_evaluated, n_cached in undo:
+            seq.n_evaluated = n_evaluated
+            seq.logits_index = -1
+            del self._slots.tokens[seq.slot][n_cached:]
+
+    def _account(self, laid_out: list[tuple[Sequence, int, int]], started: float) -> None:
+        """A decode succeeded: count its prompt tokens, and when each group stepped."""
+        step = next(self._steps)
+        for seq, n_evaluated, _ in laid_out:
+            prompt = seq.n_evaluated - n_evaluated
+            if prompt:
+                self.stats.prompt_tokens_evaluated += prompt
+                if seq.group.prompt_started is None:
+                    seq.group.prompt_started = started
+            seq.group.last_step = step
 
     def _advance_beams(self, seqs: list[Sequence], out: Out) -> None:
         group = seqs[0].group
@@ -343,63 +410,3 @@ class LlamaEngine(EngineThread):
         beam.settle(group, results)
         self.stats.tokens_generated += group.n_generated
         self._finish(group.request, group.result(), out)
-
-    def _drop_beam(self, seq: Sequence) -> None:
-        self._release(seq, keep_cache=False)
-
-    def _copy_slot(self, source: int, target: int) -> None:
-        """Copy a slot's KV cache into another (llama.cpp does it inside the
-        next decode), and the record of the tokens it holds."""
-        llama_cpp.llama_memory_seq_cp(self.model.memory, source, target, -1, -1)
-        self._slots.copy(source, target)
-
-    def _fork(self, primary: Sequence) -> None:
-        """Siblings of a request take a copy of its evaluated prompt (the copy
-        happens inside the next decode) and sample from the same logits.
-        Beams are copied by the beam step itself, into just the slots that
-        need one, so a whole-stream copy is not made here first."""
-        for seq in self._active:
-            if seq.fork_of is primary:
-                if primary.group.beam is None:
-                    self._copy_slot(primary.slot, seq.slot)
-                seq.fork_of = None
-                seq.n_evaluated = primary.n_evaluated
-                seq.logits_index = primary.logits_index
-
-    def _complete(self, seq: Sequence, end: End, out: Out) -> None:
-        close_choice(seq, end, out)
-        self._release(seq)
-        if seq.group.complete:
-            self._finish(seq.request, seq.group.result(), out)
-
-    def _cancel_group(self, group: Group, out: Out) -> None:
-        if group.request.expired is not None:
-            self._fail(group, out, group.request.expired, status=504)
-            return
-        for seq in [s for s in self._active if s.group is group]:
-            self._release(seq)
-        self._finish(group.request, cancelled_answer(group.request, group.result()), out)
-
-    def _fail(self, group: Group, out: Out, message: str, status: int = 500) -> None:
-        for seq in [s for s in self._active if s.group is group]:
-            try:
-                self._release(seq, keep_cache=False)
-            except Exception:
-                log.exception("releasing a slot of %s failed", group.request.request_id)
-        self._finish(group.request, error(message, status), out)
-
-    def _release(self, seq: Sequence, *, keep_cache: bool = True) -> None:
-        self._active.remove(seq)
-        try:
-            seq.sampler.free()
-        finally:
-            keep = keep_cache and seq.request.sampling.cache_prompt and not seq.waiting
-            self._slots.release(seq.slot, keep_cache=keep)
-
-    def _finish(self, request: EngineRequest, result: Done | ErrorEvent, out: Out) -> None:
-        if not request.settle(result):
-            return
-        request.admitted = False  # its slots are released by now
-        if request.publish:
-            out.append((request.request_id, encode(result)))
-        self._finished.append(request)

@@ -13,7 +13,8 @@ import math
 
 from workers.engine.interface import InvalidRequest
 from workers.engine.llama.gbnf import nesting
-from workers.engine.types import EngineRequest, InvalidSlot, Sampling, check_fits
+from workers.engine.llama.slots import reservation
+from workers.engine.types import EngineRequest, InvalidSlot, KvCacheExceeded, Sampling, check_fits
 
 INT32_MAX = 2**31 - 1
 
@@ -86,13 +87,18 @@ def safe_sampling(sampling: Sampling, *, n_vocab: int, n_ctx: int) -> Sampling:
     )
 
 
-def check_request(request: EngineRequest, *, n_ctx: int, n_slots: int, n_vocab: int) -> None:
-    """Raise unless `request` can be handed to the engine: it fits a slot, its
-    slot exists, and every prompt token is in the vocabulary."""
+def check_request(
+    request: EngineRequest, *, n_ctx: int, n_slots: int, n_vocab: int, kv_cells: int
+) -> None:
+    """Raise unless `request` can be handed to the engine: it fits a slot and,
+    with all its choices, the KV cache; its slot exists; and every prompt
+    token is in the vocabulary."""
     sampling = request.sampling
     check_fits(
         len(request.prompt_tokens), sampling.max_tokens, sampling.n, n_ctx=n_ctx, n_slots=n_slots
     )
+    if reservation(request, n_ctx=n_ctx) > kv_cells:
+        raise KvCacheExceeded(reservation(request, n_ctx=n_ctx), kv_cells)
     if request.id_slot is not None and not 0 <= request.id_slot < n_slots:
         raise InvalidSlot(request.id_slot, n_slots)
     # llama_decode with a token outside the vocabulary fails the whole step:

@@ -16,6 +16,7 @@ from typing import Any
 import llama_cpp
 
 from schemas.llama_vocab import load_model, token_piece, tokenize
+from schemas.registry import BULK_PARALLEL, PREFIX_ENTRIES
 
 log = logging.getLogger("inferq.llama")
 
@@ -35,8 +36,16 @@ def new_context(model: Any, cparams: Any, *, threads: int, failure: str) -> Any:
 
 @dataclass(frozen=True)
 class ContextOptions:
+    """`n_slots` interactive and `n_bulk` bulk sequences, each up to
+    `n_ctx_per_slot` tokens, sharing one unified KV cache of `kv_cells` cells
+    (default: n_slots x n_ctx_per_slot, the memory of one full context per
+    slot); `n_holders` more sequence ids hold the prefix cache's entries."""
+
     n_slots: int
     n_ctx_per_slot: int
+    n_bulk: int = BULK_PARALLEL
+    kv_cells: int | None = None
+    n_holders: int = PREFIX_ENTRIES
     n_batch: int = 512
     n_threads: int | None = None
     gpu_layers: int = 0
@@ -44,7 +53,8 @@ class ContextOptions:
 
 
 class LlamaModel:
-    """Owns the llama_model and one llama_context with a KV stream per slot."""
+    """Owns the llama_model and one llama_context whose unified KV cache all
+    its sequences share."""
 
     def __init__(self, path: Path, options: ContextOptions) -> None:
         if not path.is_file():
@@ -54,13 +64,25 @@ class LlamaModel:
         self.vocab = llama_cpp.llama_model_get_vocab(model)
         threads = options.n_threads or os.cpu_count() or 1
         cparams = llama_cpp.llama_context_default_params()
-        # Without a unified KV cache llama.cpp splits n_ctx evenly across the
-        # sequences: every slot gets its own full context of n_ctx_per_slot.
-        cparams.n_ctx = options.n_ctx_per_slot * options.n_slots
-        cparams.n_seq_max = options.n_slots
-        cparams.kv_unified = False
+        # A unified cache: a cell belongs to a set of sequences, so prefixes
+        # are shared without copies, and a sequence may use any free cell
+        # instead of n_ctx / n_seq_max of its own (workers.engine.llama.slots
+        # keeps them within the cells).
+        kv_cells = options.kv_cells or options.n_ctx_per_slot * options.n_slots
+        if kv_cells < options.n_ctx_per_slot:
+            raise ValueError(
+                f"a KV cache of {kv_cells} cells cannot hold one context of "
+                f"{options.n_ctx_per_slot} tokens"
+            )
+        cparams.n_ctx = kv_cells
+        cparams.n_seq_max = options.n_slots + options.n_bulk + options.n_holders
+        cparams.kv_unified = True
         cparams.n_batch = options.n_batch
         cparams.n_ubatch = options.n_batch
+        # llama.cpp keeps a logits row per sequence id at least, and asserts
+        # (aborting the process) when there are more ids than output rows;
+        # a step never has more outputs than its n_batch tokens anyway.
+        cparams.n_outputs_max = max(options.n_batch, cparams.n_seq_max)
         if not options.f16_kv:
             cparams.type_k = cparams.type_v = 0  # GGML_TYPE_F32
         failure = f"llama.cpp could not create a context for {path}"
@@ -68,8 +90,11 @@ class LlamaModel:
         self.ctx = ctx
         self.memory = llama_cpp.llama_get_memory(ctx)
         self.n_slots = options.n_slots
+        self.n_bulk = options.n_bulk
+        self.n_holders = options.n_holders
         self.n_batch = options.n_batch
-        self.n_ctx_per_slot = int(llama_cpp.llama_n_ctx_seq(ctx))
+        self.kv_cells = int(llama_cpp.llama_n_ctx(ctx))
+        self.n_ctx_per_slot = options.n_ctx_per_slot
         self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self.vocab))
         self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self.vocab))
         self.n_swa = int(llama_cpp.llama_model_n_swa(model))

@@ -6,8 +6,8 @@ copy of its KV cache and sample their first token from the same logits."""
 
 from __future__ import annotations
 
+import array
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +29,12 @@ class Group:
     prompt_done: float | None = None
     # Beam search state (workers.engine.llama.beam.BeamState), when beams are searched.
     beam: Any = None
+    # KV cells reserved for it (workers.engine.llama.slots) and the prefix
+    # cache entries it shares cells with, held until its last sequence ends.
+    reserved: int = 0
+    pins: list[Any] = field(default_factory=list)
+    # The engine step that last decoded one of its tokens (bulk fairness).
+    last_step: int = 0
 
     @property
     def n(self) -> int:
@@ -106,24 +112,25 @@ class Sequence:
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
+    """How many leading tokens `a` and `b` share."""
+    return shared_length(token_bytes(a), token_bytes(b))
 
 
-def next_admissible(
-    waiting: Iterable[EngineRequest], free_slots: list[int]
-) -> EngineRequest | None:
-    """The next waiting request whose slots are free. One pinned to a busy
-    slot (llama-server's id_slot) waits without holding up those behind it;
-    the others are admitted in order."""
-    for request in waiting:
-        if len(free_slots) < request.sampling.n:
-            if request.id_slot is None:
-                return None
-            continue
-        if request.id_slot is None or request.id_slot in free_slots:
-            return request
-    return None
+def token_bytes(tokens: list[int]) -> bytes:
+    """Token ids as 4-byte machine integers, for shared_length."""
+    return array.array("i", tokens).tobytes()
+
+
+def shared_length(a: bytes, b: bytes) -> int:
+    """How many leading tokens two token_bytes() share: a binary search of
+    slice comparisons (memcmp), so matching a prompt against many cached
+    prefixes costs microseconds, not a Python loop per token."""
+    va, vb = memoryview(a), memoryview(b)
+    lo, hi = 0, min(len(a), len(b)) // 4
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if va[: mid * 4] == vb[: mid * 4]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo

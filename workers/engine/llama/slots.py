@@ -1,79 +1,138 @@
-"""The slots of one llama.cpp context: which are free, and which tokens each
-one's KV cache holds (for prompt prefix reuse)."""
+"""The sequences of one unified llama.cpp KV cache and the cells they may use.
+
+Sequence ids come from two pools: `parallel` slots for interactive requests
+(llama-server's slots, which `id_slot` names) and `bulk_parallel` for batch
+lines, so a running batch never holds a slot an interactive user waits for.
+Every sequence may grow to the model's context size; what bounds them
+together is the cache's cells. A request is admitted only when the cells it
+may need (its prompt, less what it shares from the prefix cache, plus
+max_tokens for each choice) are free, so a running request never runs out
+of cells and is never truncated: what cannot fit waits, and what could never
+fit is refused at submission."""
 
 from __future__ import annotations
 
-import llama_cpp
+from dataclasses import dataclass
 
 from workers.engine.llama.model import LlamaModel
-from workers.engine.llama.sequence import common_prefix
+from workers.engine.llama.prefix_cache import Entry, PrefixCache
+from workers.engine.types import INTERACTIVE, EngineRequest
 
-# A cached prefix shorter than this is not worth taking a slot out of order.
-MIN_REUSE = 16
+
+def reservation(request: EngineRequest, *, n_ctx: int, shared: int = 0) -> int:
+    """Cells `request` may need beyond the `shared` prompt prefix: its prompt's
+    other tokens, and max_tokens (else up to the context) for each choice."""
+    prompt = len(request.prompt_tokens)
+    sampling = request.sampling
+    limit = sampling.max_tokens if sampling.max_tokens is not None else n_ctx - prompt
+    return prompt - shared + max(sampling.n, 1) * max(limit, 1)
+
+
+def is_bulk(request: EngineRequest) -> bool:
+    return request.priority > INTERACTIVE
+
+
+@dataclass
+class Verdict:
+    """Whether a waiting request can start now, and if not, what it lacks."""
+
+    ok: bool
+    lacks_ids: bool = False
+    cells: int = 0  # cells it needs beyond what is free or evictable
 
 
 class Slots:
-    def __init__(self, model: LlamaModel) -> None:
+    def __init__(self, model: LlamaModel, cache: PrefixCache) -> None:
         self.model = model
-        self.free = list(range(model.n_slots))
-        self.tokens: list[list[int]] = [[] for _ in range(model.n_slots)]
+        self.cache = cache
+        n_int, n_bulk = model.n_slots, model.n_bulk
+        self.free = list(range(n_int))
+        self.free_bulk = list(range(n_int, n_int + n_bulk))
+        # The tokens whose cells each running sequence holds.
+        self.tokens: list[list[int]] = [[] for _ in range(n_int + n_bulk)]
+        self.kv_cells = model.kv_cells
+        self.reserved = 0
 
-    def take_lowest(self) -> int:
-        """The lowest free slot, emptied."""
-        self.free.sort()
-        slot = self.free.pop(0)
-        self.clear(slot)
-        return slot
+    @property
+    def n_ctx(self) -> int:
+        return self.model.n_ctx_per_slot
+
+    def free_cells(self) -> int:
+        return self.kv_cells - self.reserved - self.cache.tokens
+
+    def _pool(self, request: EngineRequest) -> list[int]:
+        return self.free_bulk if is_bulk(request) else self.free
+
+    def pinned(self, request: EngineRequest) -> int | None:
+        """The slot `request` must run on: llama-server's id_slot names an
+        interactive slot; a bulk line runs wherever bulk work does."""
+        return None if is_bulk(request) else request.id_slot
+
+    def verdict(self, request: EngineRequest, *, reuse: bool) -> Verdict:
+        """Whether `request` could start now (evicting cached prefixes as
+        needed), without changing anything."""
+        pool = self._pool(request)
+        pinned = self.pinned(request)
+        n = request.sampling.n
+        if len(pool) < n or (pinned is not None and pinned not in pool):
+            return Verdict(ok=False, lacks_ids=True)
+        entry, shared = self._match(request, reuse)
+        need = reservation(request, n_ctx=self.n_ctx, shared=shared)
+        keep = len(entry.tokens) if entry is not None and entry.pins == 0 else 0
+        available = self.free_cells() + self.cache.evictable() - keep
+        if need > available:
+            return Verdict(ok=False, cells=need - available)
+        return Verdict(ok=True)
+
+    def _match(self, request: EngineRequest, reuse: bool) -> tuple[Entry | None, int]:
+        if not reuse:
+            return None, 0
+        prompt = request.prompt_tokens
+        # At least the last prompt token is evaluated: it yields the logits.
+        return self.cache.match(prompt, limit=len(prompt) - 1)
+
+    def take(self, request: EngineRequest) -> int:
+        """A free sequence id from the request's pool (its pinned slot, or
+        the lowest: a compact set of busy ids keeps the cache compact)."""
+        pool = self._pool(request)
+        pinned = self.pinned(request)
+        pool.sort()
+        seq_id = pool.pop(0) if pinned is None else pool.pop(pool.index(pinned))
+        self.clear(seq_id)
+        return seq_id
+
+    def share_prefix(self, request: EngineRequest, seq_id: int, reuse: bool) -> Entry | None:
+        """Give sequence `seq_id` (empty) the longest cached prefix of the
+        request's prompt; the entry used (pinned), or None."""
+        entry, shared = self._match(request, reuse)
+        if entry is None or not self.cache.share(entry, shared, seq_id):
+            return None
+        self.tokens[seq_id] = list(request.prompt_tokens[:shared])
+        return entry
+
+    def reserve(self, cells: int, keep: Entry | None = None) -> bool:
+        """Reserve `cells`, evicting cached prefixes (never `keep`) to make room."""
+        short = cells - self.free_cells()
+        if short > 0:
+            self.cache.evict(short, keep=keep)
+        if cells > self.free_cells():
+            return False
+        self.reserved += cells
+        return True
+
+    def unreserve(self, cells: int) -> None:
+        self.reserved -= cells
 
     def copy(self, source: int, target: int) -> None:
         """`target` received a copy of `source`'s KV cache."""
         self.tokens[target] = list(self.tokens[source])
 
-    def release(self, slot: int, *, keep_cache: bool) -> None:
-        if not keep_cache:
-            self.clear(slot)
-        self.free.append(slot)
+    def release(self, seq_id: int) -> None:
+        """Empty sequence `seq_id` and give it back to its pool (what it held
+        that is worth keeping went to the prefix cache first)."""
+        self.clear(seq_id)
+        (self.free if seq_id < self.model.n_slots else self.free_bulk).append(seq_id)
 
-    def pick(
-        self, prompt: list[int], cache_prompt: bool, pinned: int | None = None
-    ) -> tuple[int, int]:
-        """The free slot caching the longest prefix of `prompt` (when that is
-        worth it), else the lowest free slot, or the `pinned` one (llama-server's
-        id_slot); and how many tokens it reuses."""
-        # Low slots first: a compact set of busy slots decodes in fewer
-        # micro-batches (see LlamaEngine._step).
-        self.free.sort()
-        best, best_len = self.free[0] if pinned is None else pinned, 0
-        if cache_prompt and pinned is not None:
-            best_len = common_prefix(self.tokens[pinned], prompt)
-        elif cache_prompt:
-            for slot in self.free:
-                shared = common_prefix(self.tokens[slot], prompt)
-                if shared > best_len:
-                    best, best_len = slot, shared
-            if best_len < MIN_REUSE and best != self.free[0]:
-                best = self.free[0]
-                best_len = common_prefix(self.tokens[best], prompt)
-        self.free.remove(best)
-        # At least the last prompt token is evaluated again: it yields the logits.
-        reuse = min(best_len, len(prompt) - 1)
-        if reuse <= 0 or not self._truncate(best, reuse):
-            self.clear(best)
-            return best, 0
-        return best, reuse
-
-    def _truncate(self, slot: int, keep: int) -> bool:
-        mem = self.model.memory
-        if not llama_cpp.llama_memory_seq_rm(mem, slot, keep, -1):
-            return False
-        # Sliding-window layers drop old cells: the prefix is only reusable when
-        # the window before `keep` is still there (as llama-server checks).
-        n_swa = self.model.n_swa
-        if n_swa > 0 and llama_cpp.llama_memory_seq_pos_min(mem, slot) > max(0, keep - n_swa):
-            return False
-        del self.tokens[slot][keep:]
-        return True
-
-    def clear(self, slot: int) -> None:
-        self.model.clear_slot(slot)
-        self.tokens[slot].clear()
+    def clear(self, seq_id: int) -> None:
+        self.model.clear_slot(seq_id)
+        self.tokens[seq_id].clear()

@@ -8,7 +8,7 @@ heartbeat thread reads them as they are (a figure a step behind is fine)."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence, Sized
+from collections.abc import Iterable, Sized
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -29,6 +29,8 @@ class EngineStats:
     prompt_tokens_cached: int = 0
     tokens_generated: int = 0
     preempted: int = 0
+    # Bulk-only steps given up for an interactive arrival.
+    aborted: int = 0
     # Seconds each sequence spent in steps evaluating its prompt, and in
     # steps generating (summed over sequences, as llama.cpp sums its slots).
     prompt_seconds: float = 0.0
@@ -60,13 +62,13 @@ class EngineStats:
 
 def snapshot(
     stats: EngineStats,
-    cached: Sequence[Sized],
-    n_ctx_per_slot: int,
+    kv_tokens: int,
+    kv_capacity: int,
     active: Iterable[_InSlot],
     waiting: Iterable[Sized],
 ) -> WorkStats:
-    """The engine's figures now: `cached`, the tokens each slot's KV cache
-    holds; `active`, the sequences in slots; `waiting`, the queues of
+    """The engine's figures now: `kv_tokens` of the KV cache's `kv_capacity`
+    cells in use; `active`, the sequences in slots; `waiting`, the queues of
     requests not admitted yet. Called from the heartbeat thread while the
     engine thread runs: lists are copied (one C-level call) before they are
     walked, and a figure a step old is fine."""
@@ -77,8 +79,8 @@ def snapshot(
         predicted_seconds=stats.predicted_seconds,
         decodes=stats.steps,
         busy_slots=stats.busy_slots,
-        kv_tokens=sum(len(tokens) for tokens in list(cached)),
-        kv_capacity=len(cached) * n_ctx_per_slot,
+        kv_tokens=kv_tokens,
+        kv_capacity=kv_capacity,
         processing=len({id(seq.group) for seq in list(active)}),
         deferred=sum(len(queue) for queue in waiting),
     )

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+
+import pytest
 
 from schemas.events import Done
 from tests.support.tinybert import write_tiny_bert
@@ -15,8 +18,10 @@ from workers.engine.llama.admission import next_request, preempt_for_interactive
 from workers.engine.llama.embedding import EmbeddingEngine, EmbedRequest, cosine
 from workers.engine.llama.engine import LlamaEngine
 from workers.engine.llama.model import ContextOptions, LlamaModel
+from workers.engine.llama.prefix_cache import PrefixCache
+from workers.engine.llama.slots import Slots
 from workers.engine.llama.text import TextAssembler
-from workers.engine.types import BULK, INTERACTIVE, EngineRequest, Sampling
+from workers.engine.types import BULK, INTERACTIVE, ContextLengthExceeded, EngineRequest, Sampling
 
 LONG = Sampling(temperature=0.0, max_tokens=300, ignore_eos=True)
 SHORT = Sampling(temperature=0.0, max_tokens=5, ignore_eos=True)
@@ -64,14 +69,17 @@ def test_interactive_request_preempts_bulk_and_bulk_still_completes(
     sink = StepSink(eng)
     eng.sink = sink
     finished: list[str] = []
-    bulk = [_bulk(eng, i, finished) for i in range(eng.n_slots)]
+    # Each line reserves its prompt and 300 tokens of KV cells: one more line
+    # than the cache holds, so the cache is full and a line waits.
+    per_line = len(prompt_tokens(eng, "bulk line 0")) + LONG.max_tokens
+    lines = eng.model.kv_cells // per_line + 1
+    bulk = [_bulk(eng, i, finished) for i in range(lines)]
     eng.submit(*bulk)
-    _until(lambda: eng.stats.tokens_generated >= 8 * eng.n_slots)
-    assert all(r.admitted for r in bulk)  # every slot is busy with bulk work
+    _until(lambda: eng.stats.tokens_generated >= 8 * (lines - 1))
+    assert sum(r.admitted for r in bulk) == lines - 1
 
-    interactive = EngineRequest(
-        "chat", prompt_tokens(eng, "hello there"), Sampling(temperature=0.0, max_tokens=1)
-    )
+    # Needs as many cells as a line: only a preempted line can give them.
+    interactive = EngineRequest("chat", prompt_tokens(eng, "hello there"), LONG)
     with eng._wake:  # the engine finishes at most the step under way
         before = eng.stats.steps
         eng.submit(interactive)
@@ -93,6 +101,33 @@ def test_interactive_request_preempts_bulk_and_bulk_still_completes(
     assert sorted(finished) == sorted(r.request_id for r in bulk)
 
 
+def test_bulk_lines_run_on_more_sequences_than_slots(
+    engine: tuple[LlamaEngine, RecordingSink],
+) -> None:
+    eng, _ = engine
+    finished: list[str] = []
+    few = Sampling(temperature=0.0, max_tokens=40, ignore_eos=True)
+    bulk = [
+        EngineRequest(
+            f"line-{i}", prompt_tokens(eng, f"line {i}"), few, priority=BULK, publish=False
+        )
+        for i in range(3 * eng.n_slots)
+    ]
+    eng.submit(*bulk)
+    most = 0
+
+    def count() -> bool:
+        nonlocal most
+        most = max(most, sum(r.admitted for r in bulk))
+        return all(r.finished.is_set() for r in bulk)
+
+    _until(count)
+    # bulk_parallel sequences, not the `parallel` interactive slots.
+    assert most > eng.n_slots
+    assert all(isinstance(r.result, Done) for r in bulk)
+    assert not finished
+
+
 def test_bulk_starts_at_once_on_free_slots(engine: tuple[LlamaEngine, RecordingSink]) -> None:
     eng, _ = engine
     finished: list[str] = []
@@ -106,7 +141,7 @@ def test_bulk_starts_at_once_on_free_slots(engine: tuple[LlamaEngine, RecordingS
     assert finished == [bulk.request_id]
 
 
-def test_interactive_backlog_goes_before_earlier_bulk(
+def test_bulk_line_does_not_wait_for_busy_interactive_slots(
     engine: tuple[LlamaEngine, RecordingSink],
 ) -> None:
     eng, _ = engine
@@ -129,10 +164,11 @@ def test_interactive_backlog_goes_before_earlier_bulk(
         eng.submit(request)
     for request in [*running, bulk, *backlog]:
         assert isinstance(request.wait(30), Done)
-    # Interactive work held every slot: nothing was preempted, and the bulk
-    # request waited for the whole interactive backlog to be admitted.
+    # Interactive work holds every slot and the backlog waits for one; the
+    # bulk line runs on a sequence of its own meanwhile, taking nothing the
+    # backlog waits for: nothing is preempted.
     assert eng.stats.preempted == 0
-    assert sink.first_step["bulk"] > max(sink.first_step[r.request_id] for r in backlog)
+    assert sink.first_step["bulk"] < min(sink.first_step[r.request_id] for r in backlog)
 
 
 def test_bulk_prompt_does_not_delay_an_interactive_first_token(tiny_gguf: Path) -> None:
@@ -208,101 +244,159 @@ def test_a_failing_finish_callback_does_not_stop_the_engine(
     assert isinstance(second.wait(30), Done)
 
 
-# -- the admission rules, on sequences that only stand in for slots ----------
+# -- the admission rules, on a real cache's accounting ------------------------
+
+
+@pytest.fixture
+def slots(tiny_gguf: Path) -> Iterator[Slots]:
+    """Two interactive slots, three bulk sequences and 768 KV cells (llama.cpp
+    rounds a cache up to a multiple of 256)."""
+    options = ContextOptions(
+        n_slots=2, n_ctx_per_slot=768, n_bulk=3, kv_cells=768, n_holders=2, n_threads=1
+    )
+    model = LlamaModel(tiny_gguf, options)
+    assert model.kv_cells == 768
+    try:
+        yield Slots(model, PrefixCache(model, [5, 6], budget=256))
+    finally:
+        model.close()
 
 
 def _request(
-    name: str, arrival: int, priority: int = BULK, id_slot: int | None = None
+    name: str,
+    arrival: int,
+    priority: int = BULK,
+    id_slot: int | None = None,
+    max_tokens: int = 300,
 ) -> EngineRequest:
-    request = EngineRequest(name, [1, 2], LONG, priority=priority, publish=False, id_slot=id_slot)
+    # Two prompt tokens: it reserves max_tokens + 2 cells.
+    sampling = Sampling(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    request = EngineRequest(
+        name, [1, 2], sampling, priority=priority, publish=False, id_slot=id_slot
+    )
     request.arrival = arrival
     return request
 
 
-def _running(request: EngineRequest, slots: list[int], generated: int) -> list[seqs.Sequence]:
+def _running(
+    slots: Slots, request: EngineRequest, generated: int, reserved: int
+) -> list[seqs.Sequence]:
     group = seqs.Group(request, n_generated=generated)
+    assert slots.reserve(reserved)
+    group.reserved = reserved
     request.admitted = True
-    return [
-        seqs.Sequence(group, i, slot, None, 300, TextAssembler(())) for i, slot in enumerate(slots)
-    ]
+    slot = slots.take(request)
+    return [seqs.Sequence(group, 0, slot, None, 300, TextAssembler(()))]
 
 
 class Releaser:
-    def __init__(self, active: list[seqs.Sequence]) -> None:
+    """Ends a group the way the engine does: its sequences leave `active`,
+    its slot and cells go back."""
+
+    def __init__(self, slots: Slots, active: list[seqs.Sequence]) -> None:
+        self.slots = slots
         self.active = active
         self.released: list[str] = []
 
-    def __call__(self, group: seqs.Group) -> int:
-        mine = [s for s in self.active if s.group is group]
-        for s in mine:
-            self.active.remove(s)
+    def __call__(self, group: seqs.Group) -> None:
+        for seq in [s for s in self.active if s.group is group]:
+            self.active.remove(seq)
+            self.slots.release(seq.slot)
+        self.slots.unreserve(group.reserved)
+        group.reserved = 0
         self.released.append(group.request.request_id)
-        return len(mine)
 
 
-def test_admission_order_and_when_nothing_is_preempted() -> None:
-    tokens = [1, 2, 3]
-    bulk = EngineRequest("b", tokens, LONG, priority=BULK, publish=False)
-    chat = EngineRequest("c", tokens, LONG)
-    pinned = EngineRequest("p", tokens, LONG, id_slot=2)
+def test_admission_order(slots: Slots) -> None:
+    bulk = _request("b", 1, max_tokens=5)
+    chat = _request("c", 2, INTERACTIVE)
     # A bulk request that came first still waits behind an interactive one.
-    assert next_request(collections.deque([bulk, chat]), [0]) is chat
-    assert next_request(collections.deque([bulk]), [0]) is bulk
-    assert next_request(collections.deque([bulk, chat]), []) is None
-    released: list[object] = []
+    assert next_request(collections.deque([bulk, chat]), slots) is chat
+    assert next_request(collections.deque([bulk]), slots) is bulk
+    # Busy interactive slots hold up interactive requests only: bulk lines
+    # have sequences of their own.
+    active = [*_running(slots, _request("i1", 0, INTERACTIVE), 1, 10)]
+    active += _running(slots, _request("i2", 0, INTERACTIVE), 1, 10)
+    assert next_request(collections.deque([chat, bulk]), slots) is bulk
+    # A request pinned to a busy slot holds up nobody (llama-server's id_slot).
+    for seq in active:
+        slots.release(seq.slot)
+    active += _running(slots, _request("i3", 0, INTERACTIVE), 1, 10)
+    pinned = _request("p", 3, INTERACTIVE, id_slot=active[-1].slot, max_tokens=5)
+    other = _request("o", 4, INTERACTIVE, max_tokens=5)
+    assert next_request(collections.deque([pinned, other]), slots) is other
+    # An interactive request short of cells holds up every later request: a
+    # bulk line never takes the cells it waits for.
+    assert slots.reserve(slots.free_cells() - 100)
+    assert next_request(collections.deque([chat, bulk]), slots) is None
 
-    def release(group: object) -> int:
-        released.append(group)
-        return 1
 
-    # Nothing to preempt: no interactive request, enough free slots, nothing
-    # running, or only interactive work running.
-    running = _running(_request("i", 0, INTERACTIVE), [0], 5)
-    assert preempt_for_interactive(collections.deque([bulk]), [], 0, release) == 0
-    assert preempt_for_interactive(collections.deque([chat]), [], 1, release) == 0
-    assert preempt_for_interactive(collections.deque([pinned]), [], 0, release) == 0
-    assert preempt_for_interactive(collections.deque([chat]), running, 0, release) == 0
-    assert released == []
+def test_nothing_is_preempted_without_need(slots: Slots) -> None:
+    chat = _request("c", 2, INTERACTIVE)
+    bulk = _request("b", 1)
+    released = Releaser(slots, [])
+    # No interactive request waiting; one that fits; nothing preemptible.
+    assert preempt_for_interactive(collections.deque([bulk]), [], slots, released) == 0
+    assert preempt_for_interactive(collections.deque([chat]), [], slots, released) == 0
+    running = _running(slots, _request("i", 0, INTERACTIVE), 5, 250)
+    assert preempt_for_interactive(collections.deque([chat]), running, slots, released) == 0
+    assert released.released == []
 
 
-def test_preemption_takes_least_progress_first_and_requeues_by_arrival() -> None:
+def test_preemption_takes_least_progress_first_and_requeues_by_arrival(slots: Slots) -> None:
     b1, b2, b3, b4 = (_request(f"b{i}", i) for i in range(1, 5))
-    active = [*_running(b1, [0], 40), *_running(b2, [1], 10), *_running(b3, [2], 20)]
-    c1 = _request("c1", 6, INTERACTIVE)
+    # 600 of 768 cells held by three bulk lines.
+    active = [*_running(slots, b1, 40, 200), *_running(slots, b2, 10, 200)]
+    active += _running(slots, b3, 20, 200)
+    c1 = _request("c1", 6, INTERACTIVE, max_tokens=500)  # needs 502 cells, 168 are free
     c2 = _request("c2", 7, INTERACTIVE)
     waiting = collections.deque([b4, c1, c2])
-    release = Releaser(active)
-    # Two interactive requests waiting, no free slot: the two bulk groups
-    # that generated least give theirs up; the third keeps running.
-    assert preempt_for_interactive(waiting, active, 0, release) == 2
+    release = Releaser(slots, active)
+    # The two lines that generated least give their cells up; the third
+    # keeps running.
+    assert preempt_for_interactive(waiting, active, slots, release) == 2
     assert release.released == ["b2", "b3"]
     assert not b2.admitted and not b3.admitted and b1.admitted
     assert list(waiting) == [b2, b3, b4, c1, c2]
-    assert next_request(waiting, [1, 2]) is c1
+    assert next_request(waiting, slots) is c1
 
 
-def test_no_preemption_that_would_not_make_room() -> None:
-    # n=3 needs three slots: one interactive and one bulk slot cannot give it
-    # that, so the bulk request keeps going (the slot would only stand idle).
-    wide = EngineRequest("wide", [1], Sampling(n=3))
-    bulk = _request("b", 1)
-    active = [*_running(_request("i", 0, INTERACTIVE), [0], 5), *_running(bulk, [1], 5)]
-    release = Releaser(active)
-    assert preempt_for_interactive(collections.deque([wide]), active, 0, release) == 0
-    assert preempt_for_interactive(collections.deque([wide]), active, 1, release) == 0
-    # With two slots free it fits, and the bulk group goes.
-    assert preempt_for_interactive(collections.deque([wide]), active, 2, release) == 1
-    assert release.released == ["b"]
+def test_no_preemption_that_would_not_make_room(slots: Slots) -> None:
+    # 602 cells: 268 are free, a bulk line holds 200 and an interactive
+    # request (never preempted) 300. Preempting would only idle the cache.
+    wide = _request("wide", 5, INTERACTIVE, max_tokens=600)
+    interactive = _running(slots, _request("i", 0, INTERACTIVE), 5, 300)
+    bulk = _running(slots, _request("b", 1), 5, 200)
+    active = [*interactive, *bulk]
+    release = Releaser(slots, active)
+    assert preempt_for_interactive(collections.deque([wide]), active, slots, release) == 0
+    # Once the interactive request ended, preempting the line makes room.
+    release(interactive[0].group)
+    assert preempt_for_interactive(collections.deque([wide]), active, slots, release) == 1
+    assert release.released == ["i", "b"]
 
 
-def test_a_pinned_request_gets_its_slot_back_from_bulk_work() -> None:
-    b1, b2 = _request("b1", 1), _request("b2", 2)
-    active = [*_running(b1, [0], 5), *_running(b2, [1], 50)]
-    pinned = _request("p", 3, INTERACTIVE, id_slot=1)
-    release = Releaser(active)
-    # Not the group with least progress: the one on the pinned slot.
-    assert preempt_for_interactive(collections.deque([pinned]), active, 0, release) == 1
-    assert release.released == ["b2"]
+def test_a_request_the_cache_cannot_hold_is_refused(tiny_gguf: Path) -> None:
+    # A cache smaller than a context per slot (kv_cache_size): 512 cells for
+    # four slots of 512 tokens.
+    options = ContextOptions(n_slots=4, n_ctx_per_slot=512, kv_cells=512, n_threads=1)
+    eng = LlamaEngine(LlamaModel(tiny_gguf, options), RecordingSink())
+    try:
+        tokens = prompt_tokens(eng, "hello")
+        # Each choice fits the context; together they need more than the cache.
+        per_choice = 200
+        wide = Sampling(temperature=0.0, max_tokens=per_choice, n=3, ignore_eos=True)
+        with pytest.raises(ContextLengthExceeded, match="KV cache"):
+            eng.submit(EngineRequest("wide", tokens, wide))
+        with pytest.raises(ContextLengthExceeded, match="KV cache"):
+            eng.check_fits(len(tokens), per_choice, 3)
+        fits = EngineRequest("fits", tokens, dataclasses.replace(wide, n=2))
+        eng.submit(fits)
+        result = fits.wait(30)
+        assert isinstance(result, Done)
+        assert result.usage.completion_tokens == 2 * per_choice
+    finally:
+        eng.close()
 
 
 def test_embedding_engine_packs_interactive_inputs_first(tmp_path: Path) -> None:
