@@ -212,6 +212,11 @@ def test_cancelled_queued_job_never_starts(stack: Stack) -> None:
         "max_tokens": 2000,
         "stream": True,
         "ignore_eos": True,
+        # The tiny model makes 2000 tokens in about a second on an idle
+        # machine: alternatives for every token keep the slots busy for
+        # several seconds (about twice as long), well past the moment the
+        # queued request's client leaves.
+        "logprobs": 20,
     }
     stop_busy = threading.Event()
 

@@ -38,7 +38,7 @@ from workers.engine.llama.options import SamplingError, resolve_sampling
 from workers.engine.llama.pacing import AbortFlag, StepTimes
 from workers.engine.llama.prefix_cache import PrefixCache
 from workers.engine.llama.sequence import Sequence
-from workers.engine.llama.slots import Slots
+from workers.engine.llama.slots import Slots, cells_needed
 from workers.engine.llama.starting import start
 from workers.engine.llama.stats import EngineStats, snapshot
 from workers.engine.llama.tokens import Out, take_token
@@ -115,7 +115,7 @@ class LlamaEngine(Endings, EngineThread):
         all n choices fit the KV cache together."""
         n_ctx = self.n_ctx_per_slot
         check_fits(prompt_tokens, max_tokens, n, n_ctx=n_ctx, n_slots=self.n_slots)
-        needed = prompt_tokens + max(n, 1) * (max_tokens or n_ctx - prompt_tokens)
+        needed = cells_needed(prompt_tokens, max_tokens, n, n_ctx=n_ctx)
         if needed > self.model.kv_cells:
             raise KvCacheExceeded(needed, self.model.kv_cells)
 

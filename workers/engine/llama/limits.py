@@ -97,8 +97,8 @@ def check_request(
     check_fits(
         len(request.prompt_tokens), sampling.max_tokens, sampling.n, n_ctx=n_ctx, n_slots=n_slots
     )
-    if reservation(request, n_ctx=n_ctx) > kv_cells:
-        raise KvCacheExceeded(reservation(request, n_ctx=n_ctx), kv_cells)
+    if (needed := reservation(request, n_ctx=n_ctx)) > kv_cells:
+        raise KvCacheExceeded(needed, kv_cells)
     if request.id_slot is not None and not 0 <= request.id_slot < n_slots:
         raise InvalidSlot(request.id_slot, n_slots)
     # llama_decode with a token outside the vocabulary fails the whole step:

@@ -105,6 +105,11 @@ class PrefixCache:
             high = llama_cpp.llama_memory_seq_pos_max(mem, target)
             if low < 0 or low > max(0, n - n_swa) or high != n - 1:
                 llama_cpp.llama_memory_seq_rm(mem, target, -1, -1)
+                # llama.cpp may have reused the holder's oldest window cells
+                # (masked for it) since the entry was made: match() must not
+                # offer these lengths again.
+                held = int(llama_cpp.llama_memory_seq_pos_min(mem, entry.holder))
+                entry.window_from = max(entry.window_from, held)
                 return False
         entry.pins += 1
         entry.hits += 1

@@ -19,13 +19,19 @@ from workers.engine.llama.prefix_cache import Entry, PrefixCache
 from workers.engine.types import INTERACTIVE, EngineRequest
 
 
-def reservation(request: EngineRequest, *, n_ctx: int, shared: int = 0) -> int:
-    """Cells `request` may need beyond the `shared` prompt prefix: its prompt's
+def cells_needed(
+    prompt: int, max_tokens: int | None, n: int, *, n_ctx: int, shared: int = 0
+) -> int:
+    """Cells a request may need beyond the `shared` prompt prefix: its prompt's
     other tokens, and max_tokens (else up to the context) for each choice."""
-    prompt = len(request.prompt_tokens)
+    limit = max_tokens if max_tokens is not None else n_ctx - prompt
+    return prompt - shared + max(n, 1) * max(limit, 1)
+
+
+def reservation(request: EngineRequest, *, n_ctx: int, shared: int = 0) -> int:
     sampling = request.sampling
-    limit = sampling.max_tokens if sampling.max_tokens is not None else n_ctx - prompt
-    return prompt - shared + max(sampling.n, 1) * max(limit, 1)
+    prompt = len(request.prompt_tokens)
+    return cells_needed(prompt, sampling.max_tokens, sampling.n, n_ctx=n_ctx, shared=shared)
 
 
 def is_bulk(request: EngineRequest) -> bool:
