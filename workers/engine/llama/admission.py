@@ -128,9 +128,13 @@ def preempt_for_interactive(
         release(group)
         group.request.admitted = False
         preempted.append(group.request)
-    # `waiting` is in arrival order (requests are queued as they arrive);
-    # sorted() merges the preempted back into their places.
-    queue = sorted([*waiting, *preempted], key=lambda r: r.arrival)
+    requeue(waiting, preempted)
+    return len(preempted)
+
+
+def requeue(waiting: deque[EngineRequest], requests: list[EngineRequest]) -> None:
+    """Put `requests` back into `waiting` at their places. `waiting` is in
+    arrival order (requests are queued as they arrive): sorted() merges."""
+    queue = sorted([*waiting, *requests], key=lambda r: r.arrival)
     waiting.clear()
     waiting.extend(queue)
-    return len(preempted)

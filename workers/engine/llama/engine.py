@@ -21,7 +21,7 @@ from schemas.registry import PREFIX_CACHE_TOKENS, ModelConfig
 from schemas.worker_stats import WorkStats
 from workers.engine.interface import InvalidRequest
 from workers.engine.llama import beam
-from workers.engine.llama.admission import next_request, preempt_for_interactive
+from workers.engine.llama.admission import next_request, preempt_for_interactive, requeue
 from workers.engine.llama.batch import Batch, plan
 from workers.engine.llama.ending import Endings
 from workers.engine.llama.lifecycle import (
@@ -32,25 +32,22 @@ from workers.engine.llama.lifecycle import (
     error,
     wait_bounded,
 )
-from workers.engine.llama.limits import check_request, safe_sampling
+from workers.engine.llama.limits import check_cells, check_request, safe_sampling
 from workers.engine.llama.model import LlamaModel
 from workers.engine.llama.options import SamplingError, resolve_sampling
 from workers.engine.llama.pacing import AbortFlag, StepTimes
 from workers.engine.llama.prefix_cache import PrefixCache
 from workers.engine.llama.sequence import Sequence
-from workers.engine.llama.slots import Slots, cells_needed
+from workers.engine.llama.slots import Slots, is_bulk
 from workers.engine.llama.starting import start
 from workers.engine.llama.stats import EngineStats, snapshot
 from workers.engine.llama.tokens import Out, take_token
 from workers.engine.types import (
-    INTERACTIVE,
     PROMPT_TOKEN_BUDGET_S,
     TOKEN_BUDGET_S,
     EngineRequest,
     EventSink,
-    KvCacheExceeded,
     Sampling,
-    check_fits,
 )
 
 log = logging.getLogger("inferq.engine")
@@ -113,11 +110,10 @@ class LlamaEngine(Endings, EngineThread):
     def check_fits(self, prompt_tokens: int, max_tokens: int | None, n: int = 1) -> None:
         """Raise unless the prompt (+ max_tokens) fits a slot, n slots exist and
         all n choices fit the KV cache together."""
-        n_ctx = self.n_ctx_per_slot
-        check_fits(prompt_tokens, max_tokens, n, n_ctx=n_ctx, n_slots=self.n_slots)
-        needed = cells_needed(prompt_tokens, max_tokens, n, n_ctx=n_ctx)
-        if needed > self.model.kv_cells:
-            raise KvCacheExceeded(needed, self.model.kv_cells)
+        n_ctx, kv_cells = self.n_ctx_per_slot, self.model.kv_cells
+        check_cells(
+            prompt_tokens, max_tokens, n, n_ctx=n_ctx, n_slots=self.n_slots, kv_cells=kv_cells
+        )
 
     def metrics(self) -> WorkStats:
         """The engine's counters and gauges, for the worker's heartbeat."""
@@ -143,7 +139,7 @@ class LlamaEngine(Endings, EngineThread):
             for request in requests:
                 request.arrival = next(self._arrivals)
             self._incoming.extend(requests)
-            if any(r.priority == INTERACTIVE for r in requests):
+            if not all(is_bulk(r) for r in requests):
                 self._interactive_arrived = True
                 if self._abort.armed:
                     # A bulk-only step is decoding: it ends at its next graph
@@ -268,9 +264,7 @@ class LlamaEngine(Endings, EngineThread):
                 if not self._start(request):
                     # Its cells were not there after all (a cached prefix it
                     # counted on could not be shared): it waits in its place.
-                    queue = sorted([*self._waiting, request], key=lambda r: r.arrival)
-                    self._waiting.clear()
-                    self._waiting.extend(queue)
+                    requeue(self._waiting, [request])
                     break
             except Exception as exc:
                 log.exception("starting request %s failed", request.request_id)

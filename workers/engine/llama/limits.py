@@ -13,7 +13,7 @@ import math
 
 from workers.engine.interface import InvalidRequest
 from workers.engine.llama.gbnf import nesting
-from workers.engine.llama.slots import reservation
+from workers.engine.llama.slots import cells_needed
 from workers.engine.types import EngineRequest, InvalidSlot, KvCacheExceeded, Sampling, check_fits
 
 INT32_MAX = 2**31 - 1
@@ -87,6 +87,16 @@ def safe_sampling(sampling: Sampling, *, n_vocab: int, n_ctx: int) -> Sampling:
     )
 
 
+def check_cells(
+    prompt: int, max_tokens: int | None, n: int, *, n_ctx: int, n_slots: int, kv_cells: int
+) -> None:
+    """Raise unless a request of this shape fits a slot, n slots exist and all
+    its choices fit the KV cache together."""
+    check_fits(prompt, max_tokens, n, n_ctx=n_ctx, n_slots=n_slots)
+    if (needed := cells_needed(prompt, max_tokens, n, n_ctx=n_ctx)) > kv_cells:
+        raise KvCacheExceeded(needed, kv_cells)
+
+
 def check_request(
     request: EngineRequest, *, n_ctx: int, n_slots: int, n_vocab: int, kv_cells: int
 ) -> None:
@@ -94,11 +104,10 @@ def check_request(
     with all its choices, the KV cache; its slot exists; and every prompt
     token is in the vocabulary."""
     sampling = request.sampling
-    check_fits(
-        len(request.prompt_tokens), sampling.max_tokens, sampling.n, n_ctx=n_ctx, n_slots=n_slots
+    prompt = len(request.prompt_tokens)
+    check_cells(
+        prompt, sampling.max_tokens, sampling.n, n_ctx=n_ctx, n_slots=n_slots, kv_cells=kv_cells
     )
-    if (needed := reservation(request, n_ctx=n_ctx)) > kv_cells:
-        raise KvCacheExceeded(needed, kv_cells)
     if request.id_slot is not None and not 0 <= request.id_slot < n_slots:
         raise InvalidSlot(request.id_slot, n_slots)
     # llama_decode with a token outside the vocabulary fails the whole step:
