@@ -9,6 +9,12 @@ report gives each round's tokens/s and time to first token p50, and the
 median and spread per system.
 
     .venv/bin/python -m bench.ab_commits --base 7c12020 --levels 1,8 --rounds 2
+
+With `--batch-lines N` each round then submits an N-line completions batch
+(bench.versus's lines: distinct ~100-token prompts, 64 tokens, ignore_eos)
+through the Batches API with nothing else running, and reports its
+generated tokens over the time it was in progress. `--levels ""` runs the
+batch alone.
 """
 
 from __future__ import annotations
@@ -23,12 +29,14 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.loadgen import run_levels
 from bench.services import MODEL_NAME, REPO, inferq_config, inferq_home, inferq_up, serve
+from bench.versus_suites import submit_and_wait
 from bench.workload import LevelResult
 
 log = logging.getLogger("bench.ab_commits")
@@ -46,9 +54,15 @@ def _worktree(revision: str, into: Path) -> Path:
     return into
 
 
+class Round:
+    def __init__(self, levels: list[LevelResult], batch_tps: float | None) -> None:
+        self.levels = levels
+        self.batch_tps = batch_tps
+
+
 def _one_round(
     label: str, tree: Path, work: Path, model: Path, levels: list[int], args: argparse.Namespace
-) -> list[LevelResult]:
+) -> Round:
     home = inferq_home(
         work / f"{label}-{len(list(work.iterdir()))}", model, inferq_config(model, args)
     )
@@ -56,16 +70,35 @@ def _one_round(
     service = inferq_up(home, home / "inferq.log", drop=_ENV_DROP, PYTHONPATH=str(tree))
     log.info("%s: cd %s && PYTHONPATH=%s %s", label, home, tree, shlex.join(service.cmd))
     with serve(service):
-        return asyncio.run(
-            run_levels(
-                service.url,
-                system=label,
-                model=MODEL_NAME,
-                levels=levels,
-                rounds=args.rounds,
-                min_requests=args.min_requests,
-            )
+        measured = measure_levels(service.url, label, levels, args) if levels else []
+        batch_tps = None
+        if args.batch_lines:
+            state: dict[str, Any] = {}
+            submit_and_wait(service.url, args.batch_lines, state)
+            batch_tps = state["tokens"] / (state["ended"] - state["running"])
+            log.info("%s: batch of %d lines, %.1f tok/s", label, args.batch_lines, batch_tps)
+        return Round(measured, batch_tps)
+
+
+def measure_levels(
+    url: str,
+    label: str,
+    levels: list[int],
+    args: argparse.Namespace,
+    headers: dict[str, str] | None = None,
+) -> list[LevelResult]:
+    """The closed-loop streaming workload at each level, against `url`."""
+    return asyncio.run(
+        run_levels(
+            url,
+            system=label,
+            model=MODEL_NAME,
+            levels=levels,
+            rounds=args.rounds,
+            min_requests=args.min_requests,
+            headers=headers,
         )
+    )
 
 
 def _spread(values: Sequence[float]) -> str:
@@ -85,6 +118,7 @@ def parse_ab_args(
     parser.add_argument("--slots", type=int, default=8)
     parser.add_argument("--ctx-per-slot", type=int, default=1024)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch-lines", type=int, default=0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -119,8 +153,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", required=True, help="git revision for A")
     args = parse_ab_args(parser, argv)
-    levels = [int(x) for x in args.levels.split(",")]
-    results: dict[str, list[list[LevelResult]]] = {"A": [], "B": []}
+    levels = [int(x) for x in args.levels.split(",") if x]
+    rounds: dict[str, list[Round]] = {"A": [], "B": []}
     with tempfile.TemporaryDirectory(prefix="inferq-ab-") as tmp:
         work = Path(tmp)
         base = _worktree(args.base, work / "base")
@@ -129,7 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             for _ in range(args.pairs):
                 for label, tree in (("A", base), ("B", REPO)):
-                    results[label].append(_one_round(label, tree, runs, args.model, levels, args))
+                    rounds[label].append(_one_round(label, tree, runs, args.model, levels, args))
         finally:
             subprocess.run(
                 ["git", "-C", str(REPO), "worktree", "remove", "--force", str(base)],
@@ -140,7 +174,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"A = {args.base}, B = working tree; {args.pairs} pairs A B A B; "
         f"levels {args.levels}; {args.slots} slots, {args.threads} threads"
     )
+    results = {label: [r.levels for r in rs] for label, rs in rounds.items()}
     print(ab_table(header, results, levels))
+    if args.batch_lines:
+        print(f"\nBatch of {args.batch_lines} lines, generated tok/s while in progress:\n")
+        for label, rs in rounds.items():
+            tps = [r.batch_tps or 0.0 for r in rs]
+            print(f"- {label}: {' / '.join(f'{t:.1f}' for t in tps)}, median {_spread(tps)}")
     return 0
 
 

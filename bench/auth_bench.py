@@ -15,7 +15,6 @@ first token p50 and tokens/s per round, and the median and range per system.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import subprocess
@@ -27,8 +26,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.ab_commits import ab_table, parse_ab_args
-from bench.loadgen import run_levels
+from bench.ab_commits import ab_table, measure_levels, parse_ab_args
 from bench.services import MODEL_NAME, inferq_config, inferq_home, inferq_up, serve
 from bench.workload import LevelResult
 
@@ -71,17 +69,7 @@ def _one_round(
         headers = {"Authorization": f"Bearer {_make_key(home)}"}
     service = inferq_up(home, home / "inferq.log", drop=_ENV_DROP)
     with serve(service):
-        return asyncio.run(
-            run_levels(
-                service.url,
-                system=label,
-                model=MODEL_NAME,
-                levels=levels,
-                rounds=args.rounds,
-                min_requests=args.min_requests,
-                headers=headers,
-            )
-        )
+        return measure_levels(service.url, label, levels, args, headers)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -152,12 +152,11 @@ def _probe_metrics(prefix: str, results: list[RequestResult]) -> Metrics:
     }
 
 
-def _submit_and_wait(url: str, args: argparse.Namespace, state: dict[str, Any]) -> None:
-    """The batch through the official openai client; fills `state`."""
+def submit_and_wait(url: str, n_lines: int, state: dict[str, Any]) -> None:
+    """An n-line batch through the official openai client; fills `state`."""
     client = openai.OpenAI(base_url=url + "/v1", api_key="unused")
     lines = "".join(
-        json.dumps(vs.batch_line(vs.BATCH_OFFSET + i, MAX_TOKENS)) + "\n"
-        for i in range(args.batch_lines)
+        json.dumps(vs.batch_line(vs.BATCH_OFFSET + i, MAX_TOKENS)) + "\n" for i in range(n_lines)
     )
     file = client.files.create(file=("versus.jsonl", io.BytesIO(lines.encode())), purpose="batch")
     state["submitted"] = time.perf_counter()
@@ -190,7 +189,9 @@ async def _batch(url: str, args: argparse.Namespace, monitor: LoadMonitor) -> Ru
         await closed_loop(client, target, warm, 1, services.MODEL_NAME, True)
         idle = await _probe(client, target, vs.PROBE_OFFSET + 10, None, args)
         with monitor.measure() as load:
-            waiter = asyncio.create_task(asyncio.to_thread(_submit_and_wait, url, args, state))
+            waiter = asyncio.create_task(
+                asyncio.to_thread(submit_and_wait, url, args.batch_lines, state)
+            )
             while "running" not in state and not waiter.done():
                 await asyncio.sleep(0.2)
             busy = await _probe(

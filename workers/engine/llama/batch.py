@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import llama_cpp
 import numpy as np
 
+from workers.engine.llama.pacing import UNBOUNDED, Share
 from workers.engine.llama.sequence import Group, Sequence
 from workers.engine.llama.slots import is_bulk
 
@@ -31,9 +32,9 @@ class Plan:
     bulk_only: bool = False
 
 
-def plan(active: list[Sequence], n_batch: int, bulk_share: Callable[[int], int]) -> Plan:
-    """The sequences that step (see the module doc); `bulk_share(n)`: the bulk
-    tokens a step with n generating interactive tokens may add."""
+def plan(active: list[Sequence], n_batch: int, bulk_share: Callable[[int], Share]) -> Plan:
+    """The sequences that step (see the module doc); `bulk_share(n)`: what
+    bulk work may add to a step with n generating interactive sequences."""
     interactive = [s for s in active if not is_bulk(s.request)]
     out = Plan(stepping=[s for s in interactive if not s.waiting])
     budget = n_batch - sum(1 for s in out.stepping if s.generating)
@@ -43,35 +44,45 @@ def plan(active: list[Sequence], n_batch: int, bulk_share: Callable[[int], int])
             budget -= take
     if any(s.prefilling for s in interactive):
         return out
-    if out.stepping:
-        bulk_budget = min(budget, bulk_share(len(out.stepping)))
-    else:
-        bulk_budget = budget
-        out.bulk_only = True
+    out.bulk_only = not out.stepping
+    share = UNBOUNDED if out.bulk_only else bulk_share(len(out.stepping))
+    _add_bulk(out, active, budget, share)
+    out.bulk_only = out.bulk_only and bool(out.stepping)
+    return out
+
+
+def _add_bulk(out: Plan, active: list[Sequence], tokens: int, share: Share) -> None:
+    """Bulk groups into the step, the least recently stepped first (so a
+    small share still moves every line), within `tokens` batch positions and
+    the share's seconds; a group's sequences step together or not at all."""
     groups: dict[int, Group] = {}
     for seq in active:
         if is_bulk(seq.request):
             groups.setdefault(id(seq.group), seq.group)
-    # Least recently stepped first, so a small share still moves every line.
+    seconds = share.seconds
     for group in sorted(groups.values(), key=lambda g: g.last_step):
+        if tokens <= 0:
+            break
         seqs = [s for s in active if s.group is group and not s.waiting]
         decoding = sum(1 for s in seqs if s.generating)
-        if decoding > bulk_budget and (out.stepping or bulk_budget <= 0):
+        cost = decoding * share.per_output
+        if decoding > tokens or cost > seconds:
             continue
-        group_took = decoding
+        took = decoding
         for seq in seqs:
             if seq.prefilling:
-                take = min(bulk_budget - group_took, _left(seq))
+                afford = share.prompt_tokens(seconds - cost)
+                take = min(tokens - took, _left(seq), afford)
                 if take <= 0:
                     continue
                 out.chunks[id(seq)] = take
-                group_took += take
-        if group_took == 0:
+                took += take
+                cost += take * share.per_input
+        if took == 0:
             continue
         out.stepping.extend(seqs)
-        bulk_budget -= group_took
-    out.bulk_only = out.bulk_only and bool(out.stepping)
-    return out
+        tokens -= took
+        seconds -= cost
 
 
 def _left(seq: Sequence) -> int:

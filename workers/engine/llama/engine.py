@@ -20,7 +20,7 @@ from schemas.jobs import GenerateJob
 from schemas.registry import PREFIX_CACHE_TOKENS, ModelConfig
 from schemas.worker_stats import WorkStats
 from workers.engine.interface import InvalidRequest
-from workers.engine.llama import beam
+from workers.engine.llama import beam, laid_out
 from workers.engine.llama.admission import next_request, preempt_for_interactive, requeue
 from workers.engine.llama.batch import Batch, plan
 from workers.engine.llama.ending import Endings
@@ -35,7 +35,7 @@ from workers.engine.llama.lifecycle import (
 from workers.engine.llama.limits import check_cells, check_request, safe_sampling
 from workers.engine.llama.model import LlamaModel
 from workers.engine.llama.options import SamplingError, resolve_sampling
-from workers.engine.llama.pacing import AbortFlag, StepTimes
+from workers.engine.llama.pacing import AbortFlag, Share, StepTimes
 from workers.engine.llama.prefix_cache import PrefixCache
 from workers.engine.llama.sequence import Sequence
 from workers.engine.llama.slots import Slots, is_bulk
@@ -294,7 +294,7 @@ class LlamaEngine(Endings, EngineThread):
         for seq in self._active:
             seq.logits_index = -1
         # What each laid-out sequence was before, to undo an aborted step.
-        undo: list[tuple[Sequence, int, int]] = []
+        undo: laid_out.LaidOut = []
         for seq in step.stepping:
             if seq not in self._active:
                 continue  # its request failed while an earlier sibling was laid out
@@ -310,12 +310,12 @@ class LlamaEngine(Endings, EngineThread):
                     completed.append(seq)
         if n == 0:
             return
-        rc = self._decode(n, step.bulk_only)
+        rc = self._decode(n, laid_out.outputs(undo), step.bulk_only)
         if rc == 2:
             # Aborted for an interactive arrival: llama.cpp dropped the step's
             # cells; the sequences go back to where they were.
             self.stats.aborted += 1
-            self._undo(undo)
+            laid_out.undo(undo, self._slots.tokens)
             return
         in_batch = [seq for seq, _, _ in undo]
         if rc != 0:
@@ -326,7 +326,7 @@ class LlamaEngine(Endings, EngineThread):
                 if seq in self._active:
                     self._fail(seq.group, out, f"inference failed: llama_decode returned {rc}")
             return
-        self._account(undo, started)
+        laid_out.account(undo, self.stats, step=next(self._steps), started=started)
         self.stats.decoded(busy=len(self._active))
         for primary in completed:
             if primary in self._active:
@@ -353,10 +353,10 @@ class LlamaEngine(Endings, EngineThread):
                     self._advance_beams(sorted(group_seqs, key=lambda s: s.index), out)
         self.stats.end_step(n, len(in_batch))
 
-    def _bulk_share(self, interactive: int) -> int:
+    def _bulk_share(self, interactive: int) -> Share:
         return self._times.bulk_share(interactive, self.slowdown)
 
-    def _decode(self, n: int, abortable: bool) -> int:
+    def _decode(self, n: int, outputs: int, abortable: bool) -> int:
         """llama_decode of the laid-out batch, timed for the pacing model; a
         bulk-only step may be aborted by an interactive arrival (2)."""
         if abortable:
@@ -372,25 +372,8 @@ class LlamaEngine(Endings, EngineThread):
                 with self._wake:
                     self._abort.disarm()
         if rc == 0:
-            self._times.record(n, time.perf_counter() - started)
+            self._times.record(n, outputs, time.perf_counter() - started)
         return rc
-
-    def _undo(self, undo: list[tuple[Sequence, int, int]]) -> None:
-        for seq, n_evaluated, n_cached in undo:
-            seq.n_evaluated = n_evaluated
-            seq.logits_index = -1
-            del self._slots.tokens[seq.slot][n_cached:]
-
-    def _account(self, laid_out: list[tuple[Sequence, int, int]], started: float) -> None:
-        """A decode succeeded: count its prompt tokens, and when each group stepped."""
-        step = next(self._steps)
-        for seq, n_evaluated, _ in laid_out:
-            prompt = seq.n_evaluated - n_evaluated
-            if prompt:
-                self.stats.prompt_tokens_evaluated += prompt
-                if seq.group.prompt_started is None:
-                    seq.group.prompt_started = started
-            seq.group.last_step = step
 
     def _advance_beams(self, seqs: list[Sequence], out: Out) -> None:
         group = seqs[0].group
