@@ -35,7 +35,15 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.loadgen import run_levels
-from bench.services import MODEL_NAME, REPO, inferq_config, inferq_home, inferq_up, serve
+from bench.services import (
+    MODEL_NAME,
+    REPO,
+    add_model_args,
+    inferq_config,
+    inferq_home,
+    inferq_up,
+    serve,
+)
 from bench.versus_suites import submit_and_wait
 from bench.workload import LevelResult
 
@@ -110,14 +118,11 @@ def parse_ab_args(
 ) -> argparse.Namespace:
     """The options every A B A B run takes (model, workload, pairs), parsed,
     with logging set up."""
-    parser.add_argument("--model", type=Path, default=REPO / "models/gemma-3-270m-q4_k_m.gguf")
+    add_model_args(parser, ctx_per_slot=1024)
     parser.add_argument("--levels", default="1,8")
     parser.add_argument("--pairs", type=int, default=2, help="A B pairs")
     parser.add_argument("--rounds", type=int, default=2, help="measured rounds per level")
     parser.add_argument("--min-requests", type=int, default=16)
-    parser.add_argument("--slots", type=int, default=8)
-    parser.add_argument("--ctx-per-slot", type=int, default=1024)
-    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch-lines", type=int, default=0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")

@@ -150,6 +150,15 @@ def inferq_home(home: Path, model: Path, config: str) -> Path:
     return home
 
 
+def add_model_args(parser: argparse.ArgumentParser, *, ctx_per_slot: int = 2048) -> None:
+    """--model, --slots, --ctx-per-slot and --threads: the engine every
+    benchmark of inferq alone runs (see inferq_config)."""
+    parser.add_argument("--model", type=Path, default=REPO / "models/gemma-3-270m-q4_k_m.gguf")
+    parser.add_argument("--slots", type=int, default=8)
+    parser.add_argument("--ctx-per-slot", type=int, default=ctx_per_slot)
+    parser.add_argument("--threads", type=int, default=2)
+
+
 def inferq_config(model: Path, args: argparse.Namespace) -> str:
     """The model's config as one line of YAML flow style, so the report can
     quote the file as is. No stopwords and no template: the prompt goes to

@@ -17,6 +17,15 @@ log = logging.getLogger("inferq.llama")
 _lock = threading.Lock()
 _ready = False
 
+# What llama.cpp logs as errors when a decode is aborted through its abort
+# callback (GGML_STATUS_ABORTED = 1, llama_decode's 2): the engine aborts
+# batch steps for interactive arrivals on purpose and counts them itself.
+_ABORTED = (
+    "failed with error 1",
+    "failed to compute graph, compute status: 1",
+    "failed to decode, ret = 2",
+)
+
 
 @ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)  # type: ignore[untyped-decorator]
 def _log_callback(level: int, text: bytes | None, _user: ctypes.c_void_p) -> None:
@@ -26,7 +35,8 @@ def _log_callback(level: int, text: bytes | None, _user: ctypes.c_void_p) -> Non
         return
     message = text.decode("utf-8", errors="replace").rstrip()
     if message:
-        log.log(logging.WARNING if level == 4 else logging.DEBUG, "%s", message)
+        error = level == 4 and not message.endswith(_ABORTED)
+        log.log(logging.WARNING if error else logging.DEBUG, "%s", message)
 
 
 def init_backend() -> None:

@@ -35,7 +35,7 @@ from workers.engine.llama.lifecycle import (
 from workers.engine.llama.limits import check_cells, check_request, safe_sampling
 from workers.engine.llama.model import LlamaModel
 from workers.engine.llama.options import SamplingError, resolve_sampling
-from workers.engine.llama.pacing import AbortFlag, Share, StepTimes
+from workers.engine.llama.pacing import AbortFlag, Share, StepCost, StepTimes
 from workers.engine.llama.prefix_cache import PrefixCache
 from workers.engine.llama.sequence import Sequence
 from workers.engine.llama.slots import Slots, is_bulk
@@ -114,6 +114,11 @@ class LlamaEngine(Endings, EngineThread):
         check_cells(
             prompt_tokens, max_tokens, n, n_ctx=n_ctx, n_slots=self.n_slots, kv_cells=kv_cells
         )
+
+    @property
+    def step_cost(self) -> StepCost | None:
+        """What the pacing learnt a decode costs on this machine."""
+        return self._times.cost()
 
     def metrics(self) -> WorkStats:
         """The engine's counters and gauges, for the worker's heartbeat."""
