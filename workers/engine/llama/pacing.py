@@ -92,10 +92,6 @@ class StepTimes:
                 self._cost = fitted
         return self._cost
 
-    def predict(self, outputs: int, inputs: int = 0) -> float | None:
-        cost = self.cost()
-        return None if cost is None else cost.of(outputs, inputs)
-
     def bulk_share(self, interactive: int, slowdown: float) -> Share:
         """What bulk work may add to a step with `interactive` generating
         interactive sequences so that it takes at most `slowdown` times as
