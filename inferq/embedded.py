@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import IO
 
 from inferq.migrate import upgrade
-from schemas.registry import load_registry
+from schemas.registry import ModelConfig, load_registry
 from schemas.settings import Settings, get_settings
 
 log = logging.getLogger("inferq.up")
@@ -211,8 +211,10 @@ def run_embedded(*, host: str | None = None, port: int | None = None) -> int:
             )
         python = [sys.executable, "-m", "inferq"]
         children.append(Child("api", [*python, "api", "--host", host, "--port", str(port)], env))
-        for name in registry.models:
-            children.append(Child(f"worker {name}", [*python, "worker", "--model", name], env))
+        for name, config in registry.models.items():
+            command = worker_command(config, settings)
+            if command is not None:
+                children.append(Child(f"worker {name}", command, env))
         for child in children:
             child.start()
         if _wait_ready(url, children, timeout=300, stopping=lambda: stopping):
@@ -246,6 +248,35 @@ def run_embedded(*, host: str | None = None, port: int | None = None) -> int:
             redis_child.stop(timeout=10)
             _redis_url_file(settings).unlink(missing_ok=True)
         lock.close()
+
+
+def vllm_python(settings: Settings) -> Path | None:
+    """The vLLM environment's Python: INFERQ_VLLM_PYTHON, else the
+    .venv-vllm that `./run vllm` makes beside this checkout; None when
+    neither exists."""
+    if settings.vllm_python is not None:
+        return settings.vllm_python if settings.vllm_python.exists() else None
+    default = Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "python"
+    return default if default.exists() else None
+
+
+def worker_command(config: ModelConfig, settings: Settings) -> list[str] | None:
+    """How `inferq up` starts the worker of `config`'s model: in this Python,
+    or in the vLLM environment for a `backend: vllm` model (None, said why,
+    when that environment is missing)."""
+    args = ["-m", "inferq", "worker", "--model", config.name]
+    if config.backend != "vllm":
+        return [sys.executable, *args]
+    python = vllm_python(settings)
+    if python is None:
+        log.error(
+            "model %s runs on vLLM, whose environment is missing: create it with "
+            "`./run vllm` (or set INFERQ_VLLM_PYTHON to a Python with vLLM and inferq "
+            "installed); its requests wait until a worker serves it",
+            config.name,
+        )
+        return None
+    return [str(python), *args]
 
 
 def _auth_mode(settings: Settings) -> str:

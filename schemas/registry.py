@@ -53,6 +53,28 @@ PREFIX_ENTRIES = 16
 MAX_SEQUENCES = 256 - PREFIX_ENTRIES
 
 
+class VllmOptions(BaseModel):
+    """vLLM's engine settings under their vLLM names (a `backend: vllm`
+    model's YAML sets them at its top level, as LocalAI does). None: vLLM's
+    own default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    quantization: str | None = None
+    gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1)
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    dtype: str = "auto"
+    trust_remote_code: bool = False
+    # CUDA graphs off: slower steps, faster start and less memory. vLLM's CPU
+    # build runs eager whatever this says.
+    enforce_eager: bool = False
+    # GiB of CPU memory per GPU for preempted sequences (older vLLM releases).
+    swap_space: float | None = Field(default=None, ge=0)
+
+
+VLLM_FIELDS = frozenset(VllmOptions.model_fields)
+
+
 class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -95,6 +117,29 @@ class ModelConfig(BaseModel):
     embedding_max_tokens: int = Field(default=2048, ge=16)
     # Matryoshka models can be truncated to fewer `dimensions`.
     matryoshka: bool = False
+    # The engine settings of `backend: vllm` (written at the top level).
+    vllm: VllmOptions = Field(default_factory=VllmOptions)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _vllm_names(cls, raw: Any) -> Any:
+        """vLLM's own spellings, as LocalAI's YAML writes them: its engine
+        settings at the top level, and `max_model_len` for context_size."""
+        if not isinstance(raw, dict):
+            return raw
+        raw = dict(raw)
+        if "max_model_len" in raw:
+            length = raw.pop("max_model_len")
+            if "context_size" in raw and raw["context_size"] != length:
+                raise ValueError("max_model_len and context_size name the same setting: give one")
+            raw["context_size"] = length
+        options = {name: raw.pop(name) for name in VLLM_FIELDS if name in raw}
+        if options:
+            if raw.get("backend") != "vllm":
+                names = ", ".join(sorted(options))
+                raise ValueError(f"{names}: vLLM settings, for a model with `backend: vllm`")
+            raw["vllm"] = {**(raw.get("vllm") or {}), **options}
+        return raw
 
     @field_validator("embedding_seqs")
     @classmethod
@@ -125,8 +170,21 @@ class ModelConfig(BaseModel):
 
     @property
     def generates(self) -> bool:
-        """A text-generation model (embedding/rerank-only models are not)."""
+        """A text-generation model (embedding/rerank-only models are not). A
+        vLLM engine runs one task: a model that embeds or reranks is a
+        pooling model there."""
+        if self.backend == "vllm":
+            return not (self.embeddings or self.reranking)
         return not (self.pooling == "rank" or (self.embeddings and self.pooling in ("mean", "cls")))
+
+    @property
+    def cross_encoder(self) -> bool:
+        """Reranks by scoring (query, document) pairs: rank pooling with
+        llama.cpp; with vLLM, a reranking model that does not embed (a
+        sequence classifier with one label)."""
+        if self.backend == "vllm":
+            return self.reranking and not self.embeddings
+        return self.pooling == "rank"
 
     # Where the config came from, for error messages; not part of the YAML.
     source: str = ""
@@ -192,6 +250,14 @@ def load_registry(models_dir: Path) -> Registry:
         weights = config.model_path(models_dir)
         if config.backend == "llama-cpp" and not weights.is_file():
             registry.errors.append(f"{path}: field 'parameters.model': file not found: {weights}")
+            continue
+        if config.backend == "vllm" and not weights.exists():
+            # No hub at run time: the weights are a directory (or a file) the
+            # operator put there beforehand.
+            registry.errors.append(
+                f"{path}: field 'parameters.model': not found: {weights} (vLLM models are "
+                "read from a local directory; download them beforehand)"
+            )
             continue
         if config.name in registry.models:
             registry.errors.append(

@@ -35,6 +35,10 @@ class Settings(BaseSettings):
     )
     models_dir: Path = Path("models")
     data_dir: Path = Path("data")
+    # The Python of the vLLM workers' environment (`./run vllm`), which
+    # `inferq up` starts a `backend: vllm` model's worker with. None: the
+    # .venv-vllm beside this checkout, where there is one.
+    vllm_python: Path | None = None
     host: str = "127.0.0.1"
     port: int = 8080
     log_level: str = "INFO"

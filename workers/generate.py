@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import redis
@@ -17,8 +18,15 @@ from schemas.jobs import CHAT_ENDPOINTS, GenerateJob
 from schemas.registry import ModelConfig
 from schemas.settings import get_settings
 from schemas.templates import PromptBuilder, PromptError
-from workers.engine.interface import GenerationEngine, InvalidRequest
-from workers.engine.types import ContextLengthExceeded, EngineRequest, Sampling, TooManyChoices
+from workers.embed import EmbedRuntime
+from workers.engine.interface import Embedder, GenerationEngine, InvalidRequest
+from workers.engine.types import (
+    ContextLengthExceeded,
+    EngineRequest,
+    EventSink,
+    Sampling,
+    TooManyChoices,
+)
 from workers.job import Claim, accounting, claim_job, publish, run_job
 from workers.prompts import PromptShaper, TemplateShaper
 from workers.sink import bad_request
@@ -45,6 +53,41 @@ class WorkerRuntime:
         if shaper is None:
             return TemplateShaper(self.prompts, self.engine.tokenizer)
         return shaper
+
+
+@dataclass(frozen=True)
+class Loading:
+    """What building a model's runtimes takes from its worker (workers.main)."""
+
+    config: ModelConfig
+    # The model's weights: a GGUF file, or vLLM's model directory.
+    path: Path
+    redis: redis.Redis
+    db: Engine
+    worker_id: str
+    sink: EventSink
+    # The requests running, by id (WorkerRuntime.running).
+    running: dict[str, EngineRequest]
+
+    def runtime(
+        self,
+        engine: GenerationEngine,
+        prompts: PromptBuilder,
+        shapers: Mapping[str, PromptShaper] | None = None,
+    ) -> WorkerRuntime:
+        return WorkerRuntime(
+            self.config,
+            engine,
+            prompts,
+            self.redis,
+            self.db,
+            self.running,
+            self.worker_id,
+            shapers or {},
+        )
+
+    def embed_runtime(self, embedder: Embedder) -> EmbedRuntime:
+        return EmbedRuntime(self.config, embedder, self.redis, self.db, self.worker_id)
 
 
 def build_prompt(runtime: WorkerRuntime, job: GenerateJob) -> list[int]:

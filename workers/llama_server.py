@@ -7,9 +7,7 @@ WorkerRuntime.shapers, which workers.main wires."""
 from __future__ import annotations
 
 import ctypes
-import json
 import logging
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -17,18 +15,17 @@ from typing import Any
 import llama_cpp
 import redis
 
-from schemas import keys
 from schemas.events import Accepted
 from schemas.jobs import LLAMA_ENDPOINTS, GenerateJob, InfillInput
 from schemas.llama_vocab import tokenize_mixed
 from schemas.registry import ModelConfig
-from schemas.sampling import DEFAULT_SAMPLERS
 from workers.engine.interface import InvalidRequest
 from workers.engine.llama.engine import LlamaEngine
 from workers.engine.llama.model import LlamaModel
 from workers.engine.llama.options import resolve_sampling
 from workers.engine.types import Sampling
 from workers.prompts import PromptShaper
+from workers.props import generation_settings, publish
 
 log = logging.getLogger(__name__)
 
@@ -166,55 +163,6 @@ def detokenize(model: LlamaModel, tokens: list[int]) -> str:
     return out.decode("utf-8", errors="replace")
 
 
-def generation_settings(sampling: Sampling, *, n_ctx: int, model: str) -> dict[str, Any]:
-    """The resolved Sampling mapped back to llama-server's reporting format,
-    `generation_settings`: what this request runs with, under llama-server's
-    names and in its key order. The samplers inferq does not implement (dry,
-    xtc, top_n_sigma, dynamic temperature) are reported with llama-server's
-    defaults, which turn them off."""
-    n_predict = -1 if sampling.max_tokens is None else sampling.max_tokens
-    return {
-        "n_ctx": n_ctx,
-        "model": model,
-        "n_predict": n_predict,
-        "max_tokens": n_predict,
-        "seed": int(llama_cpp.LLAMA_DEFAULT_SEED) if sampling.seed is None else sampling.seed,
-        "temperature": sampling.temperature,
-        "dynatemp_range": 0.0,
-        "dynatemp_exponent": 1.0,
-        "top_k": sampling.top_k,
-        "top_p": sampling.top_p,
-        "min_p": sampling.min_p,
-        "top_n_sigma": -1.0,
-        "xtc_probability": 0.0,
-        "xtc_threshold": 0.1,
-        "typical_p": sampling.typical_p,
-        "repeat_last_n": sampling.repeat_last_n,
-        "repeat_penalty": sampling.repeat_penalty,
-        "presence_penalty": sampling.presence_penalty,
-        "frequency_penalty": sampling.frequency_penalty,
-        "dry_multiplier": 0.0,
-        "dry_base": 1.75,
-        "dry_allowed_length": 2,
-        "dry_penalty_last_n": -1,
-        "mirostat": sampling.mirostat,
-        "mirostat_tau": sampling.mirostat_tau,
-        "mirostat_eta": sampling.mirostat_eta,
-        "stop": list(sampling.stop),
-        "ignore_eos": sampling.ignore_eos,
-        # A ban (-inf) is null, as llama-server's JSON writes it.
-        "logit_bias": [
-            {"bias": bias if math.isfinite(bias) else None, "token": token}
-            for token, bias in sampling.logit_bias
-        ],
-        "n_probs": sampling.logprobs or 0,
-        "min_keep": sampling.min_keep,
-        "grammar": sampling.grammar or "",
-        "samplers": list(sampling.samplers if sampling.samplers is not None else DEFAULT_SAMPLERS),
-        "cache_prompt": sampling.cache_prompt,
-    }
-
-
 def accepted(
     engine: LlamaEngine, job: GenerateJob, sampling: Sampling, tokens: list[int]
 ) -> Accepted:
@@ -248,13 +196,13 @@ def shapers(engine: LlamaEngine) -> dict[str, PromptShaper]:
 def publish_props(
     client: redis.Redis, config: ModelConfig, engine: LlamaEngine, models_dir: Path
 ) -> None:
-    """What llama-server's GET /props reports about this model, for the API
-    (which may have no copy of the model). Informational: failures only log."""
+    """What llama-server's GET /props reports about a llama.cpp model."""
     model = engine.model
-    try:
+
+    def props() -> dict[str, Any]:
         job = GenerateJob(request_id="props", model=config.name, endpoint="llama.completion")
         sampling = resolve_sampling(job, config, model)
-        props = {
+        return {
             "model": config.name,
             "model_path": str(config.model_path(models_dir)),
             "n_ctx": engine.n_ctx_per_slot,
@@ -267,6 +215,5 @@ def publish_props(
             "build_info": f"inferq (llama-cpp-python {llama_cpp.__version__})",
             "infill": supports_infill(model),
         }
-        client.set(keys.model_props(config.name), json.dumps(props))
-    except Exception:
-        log.warning("could not publish the properties of %s", config.name, exc_info=True)
+
+    publish(client, config, props)

@@ -1,34 +1,34 @@
 """`inferq worker`: load one model, then consume its Celery queue.
 
-The one place that builds the llama.cpp engines: everything it hands them to
+The one place that builds a model's engines (llama.cpp's here, vLLM's in
+workers.vllm_runtime, by the model's `backend`): everything it hands them to
 (workers.generate, workers.embed, workers.bulk) sees only the interfaces of
 workers.engine.interface."""
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import socket
 import sys
 import uuid
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from schemas import keys
 from schemas.db import make_engine
 from schemas.queue import make_celery
 from schemas.redis_client import sync_client
-from schemas.registry import PREFIX_ENTRIES, ModelConfig, load_registry
+from schemas.registry import PREFIX_ENTRIES, load_registry
 from schemas.settings import get_settings
 
 if TYPE_CHECKING:
-    import redis
-    from sqlalchemy import Engine
+    from collections.abc import Callable
 
+    from workers.embed import EmbedRuntime
     from workers.engine.llama.engine import LlamaEngine
     from workers.engine.types import EngineRequest
-    from workers.generate import WorkerRuntime
-    from workers.sink import RedisSink
+    from workers.generate import Loading, WorkerRuntime
 
 log = logging.getLogger("inferq.worker")
 
@@ -44,12 +44,7 @@ def run_worker(model_name: str, *, gpu: int | None = None) -> int:
         known = ", ".join(sorted(registry.models)) or "none"
         log.error("model %r is not in %s (models: %s)", model_name, settings.models_dir, known)
         return 2
-    if config.backend != "llama-cpp":
-        log.error("%s: backend %r is not served by this worker", config.source, config.backend)
-        return 2
-
     # Imported here so that CUDA_VISIBLE_DEVICES is set first.
-    from workers.llama_server import publish_props
     from workers.presence import CancelListener, Heartbeat
     from workers.tasks import register
 
@@ -74,26 +69,34 @@ def run_worker(model_name: str, *, gpu: int | None = None) -> int:
             runtime.engine.cancel(request)
 
     sink = RedisSink(client, on_orphan=stop_orphan)
-    llama: LlamaEngine | None = None
     runtime: WorkerRuntime | None = None
-    if config.generates:
-        runtime, llama = _generation_runtime(config, path, client, db, worker_id, sink, running)
-    embed_runtime = None
-    if config.embeddings or config.reranking:
-        from workers.embed import EmbedRuntime
-        from workers.engine.llama.embedding import EmbeddingEngine
+    embed_runtime: EmbedRuntime | None = None
+    from workers.generate import Loading
 
-        log.info("loading %s for embeddings from %s", config.name, path)
-        embedder = EmbeddingEngine(
-            path,
-            pooling=config.pooling,
-            n_batch=config.embedding_batch,
-            n_seq=config.embedding_seqs,
-            max_input=config.embedding_max_tokens,
-            n_threads=config.threads or os.cpu_count(),
-            gpu_layers=config.gpu_layers,
+    loading = Loading(config, path, client, db, worker_id, sink, running)
+    if config.backend == "vllm" and importlib.util.find_spec("vllm") is None:
+        log.error(
+            "model %s runs on vLLM, which this Python (%s) does not have: start its worker "
+            "from the vLLM environment (`./run vllm` creates .venv-vllm; then "
+            ".venv-vllm/bin/inferq worker --model %s)",
+            config.name,
+            sys.executable,
+            config.name,
         )
-        embed_runtime = EmbedRuntime(config, embedder, client, db, worker_id)
+        return 2
+    try:
+        if config.backend == "vllm":
+            from workers.vllm_runtime import vllm_runtimes
+
+            runtime, embed_runtime, announce = vllm_runtimes(loading)
+        else:
+            runtime, embed_runtime, announce = _llama_runtimes(loading)
+    except Exception as exc:
+        # A model that cannot load (a bad setting, weights it cannot read) is
+        # the operator's to fix: say why, once, instead of a traceback loop.
+        log.error("%s: model %s could not be loaded: %s", config.source, config.name, exc)
+        log.debug("loading %s failed", config.name, exc_info=True)
+        return 2
     from workers.bulk import BulkRunner
 
     bulk = BulkRunner(
@@ -107,11 +110,7 @@ def run_worker(model_name: str, *, gpu: int | None = None) -> int:
     app = make_celery(settings, name=f"inferq-worker-{config.name}")
     register(app, runtime, embed_runtime, bulk, model=config.name)
 
-    def announce() -> None:
-        if llama is not None:
-            # What llama-server's GET /props reports, for the API to read.
-            publish_props(client, config, llama, settings.models_dir)
-
+    # What llama-server's GET /props reports, for the API to read.
     announce()
 
     def cancel(request_id: str) -> None:
@@ -188,21 +187,49 @@ def run_worker(model_name: str, *, gpu: int | None = None) -> int:
         sys.stdout.flush()
 
 
+def _llama_runtimes(
+    loading: Loading,
+) -> tuple[WorkerRuntime | None, EmbedRuntime | None, Callable[[], None]]:
+    """The runtimes of a llama.cpp model, and what publishes its /props."""
+    config, path = loading.config, loading.path
+    runtime: WorkerRuntime | None = None
+    llama: LlamaEngine | None = None
+    if config.generates:
+        runtime, llama = _generation_runtime(loading)
+    embed_runtime = None
+    if config.embeddings or config.reranking:
+        from workers.engine.llama.embedding import EmbeddingEngine
+
+        log.info("loading %s for embeddings from %s", config.name, path)
+        embedder = EmbeddingEngine(
+            path,
+            pooling=config.pooling,
+            n_batch=config.embedding_batch,
+            n_seq=config.embedding_seqs,
+            max_input=config.embedding_max_tokens,
+            n_threads=config.threads or os.cpu_count(),
+            gpu_layers=config.gpu_layers,
+        )
+        embed_runtime = loading.embed_runtime(embedder)
+
+    def announce() -> None:
+        if llama is not None:
+            from workers.llama_server import publish_props
+
+            publish_props(loading.redis, config, llama, get_settings().models_dir)
+
+    return runtime, embed_runtime, announce
+
+
 def _generation_runtime(
-    config: ModelConfig,
-    path: Path,
-    client: redis.Redis,
-    db: Engine,
-    worker_id: str,
-    sink: RedisSink,
-    running: dict[str, EngineRequest],
+    loading: Loading,
 ) -> tuple[WorkerRuntime, LlamaEngine]:
     """The generation runtime on a llama.cpp engine, and that engine (for
     what only llama.cpp models announce: llama-server's /props)."""
+    config, path = loading.config, loading.path
     from schemas.templates import PromptBuilder
     from workers.engine.llama.engine import LlamaEngine
     from workers.engine.llama.model import ContextOptions, LlamaModel
-    from workers.generate import WorkerRuntime
     from workers.llama_server import shapers
 
     log.info("loading %s from %s", config.name, path)
@@ -227,10 +254,10 @@ def _generation_runtime(
     )
     engine = LlamaEngine(
         model,
-        sink,
+        loading.sink,
         prefix_cache_tokens=config.prefix_cache_tokens,
         interactive_slowdown=config.interactive_slowdown,
     )
     # llama-server's endpoints shape their prompts themselves.
     table = shapers(engine)
-    return WorkerRuntime(config, engine, prompts, client, db, running, worker_id, table), engine
+    return loading.runtime(engine, prompts, table), engine

@@ -1,6 +1,7 @@
 """What the llama.cpp endpoints share: the properties a model's workers
-publish, and the defaults of /completion and /infill that POST /props stores
-in Redis (the default model of llama-server's routes: Catalog.named_or_default)."""
+publish, the refusal of llama.cpp-only endpoints for vLLM models, and the
+defaults of /completion and /infill that POST /props stores in Redis (the
+default model of llama-server's routes: Catalog.named_or_default)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import redis.asyncio as aioredis
 
 from api.errors import APIError
 from schemas import keys
+from schemas.registry import ModelConfig
 
 
 async def published_props(client: aioredis.Redis, model: str, *, why: str) -> bytes:
@@ -24,6 +26,22 @@ async def published_props(client: aioredis.Redis, model: str, *, why: str) -> by
             code="no_worker_ready",
         )
     return raw.encode() if isinstance(raw, str) else bytes(raw)
+
+
+def require_llama_cpp(config: ModelConfig | None, model: str, endpoint: str, instead: str) -> None:
+    """A 400 `unsupported_model` when `model` runs on vLLM, which has none of
+    llama.cpp's `endpoint`; `instead` names the route to use. A model known
+    only from a live worker (no config here) is let through: its worker
+    refuses what it cannot run."""
+    if config is None or config.backend != "vllm":
+        return
+    raise APIError(
+        400,
+        f"model '{model}' runs on vLLM, which has no llama.cpp {endpoint} endpoint: "
+        f"use {instead} instead",
+        code="unsupported_model",
+        param="model",
+    )
 
 
 async def load_overrides(client: aioredis.Redis, model: str) -> dict[str, Any]:

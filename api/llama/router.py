@@ -14,6 +14,7 @@ from api.accounts.principal import current_principal
 from api.catalog import Catalog
 from api.deps import CatalogDep, RunnerDep
 from api.errors import APIError
+from api.llama.common import require_llama_cpp
 from api.llama.protocol import (
     DetokenizeRequest,
     InfillRequest,
@@ -23,7 +24,7 @@ from api.llama.protocol import (
 from api.llama.requests import llama_job, with_defaults
 from api.llama.serving import serve_completion
 from api.routing import StrictJSONRoute
-from api.vocab import Vocab, VocabCache, VocabUnavailable
+from api.vocab import AnyVocab, VocabCache, VocabUnavailable
 
 router = APIRouter(tags=["llama.cpp"], route_class=StrictJSONRoute)
 
@@ -38,8 +39,9 @@ async def completion(
     model = await catalog.named_or_default(body.model)
     # Before anything about the model can show in an error.
     current_principal(request).require_model(model)
-    body = await with_defaults(body, request, model)
     config = catalog.registry.models.get(model)
+    require_llama_cpp(config, model, "/completion", "POST /v1/completions")
+    body = await with_defaults(body, request, model)
     job = llama_job(
         request, body, model, config, "llama.completion", prompt_parts=body.prompt_parts()
     )
@@ -54,13 +56,19 @@ async def infill(
     model = await catalog.named_or_default(body.model)
     # Before anything about the model can show in an error.
     current_principal(request).require_model(model)
-    body = await with_defaults(body, request, model)
     config = catalog.registry.models.get(model)
+    require_llama_cpp(
+        config,
+        model,
+        "/infill",
+        "POST /v1/completions with the model's fill-in-the-middle prompt written out",
+    )
+    body = await with_defaults(body, request, model)
     job = llama_job(request, body, model, config, "llama.infill", infill=body.infill())
     return await serve_completion(request, runner, job, body.echo())
 
 
-async def _vocab(request: Request, catalog: Catalog, name: str | None) -> Vocab:
+async def _vocab(request: Request, catalog: Catalog, name: str | None) -> AnyVocab:
     model = await catalog.named_or_default(name)
     # No job runs here, so the key's model list is checked by hand.
     current_principal(request).require_model(model)
@@ -71,7 +79,7 @@ async def _vocab(request: Request, catalog: Catalog, name: str | None) -> Vocab:
         raise APIError(503, str(exc), code="vocab_unavailable") from exc
 
 
-def _bad_token(token: int, vocab: Vocab, param: str) -> APIError:
+def _bad_token(token: int, vocab: AnyVocab, param: str) -> APIError:
     return APIError(
         400, f"token id {token} is not in the vocabulary (0 to {vocab.n_tokens - 1})", param=param
     )

@@ -91,7 +91,8 @@ def generate_body(n: int, with_logprobs: bool) -> Renderer:
             cumulative = result.cumulative_logprob
             if cumulative is None and result.logprobs is not None:
                 cumulative = sum(e["logprob"] for e in entries)
-            length = max(len(entries), 1)
+            # Beam hypotheses report their length; sampled choices, one entry a token.
+            length = max(len(entries) or result.n_tokens or 0, 1)
             mean = None if cumulative is None else cumulative / length
             scored.append((result, cumulative, mean))
         if len(scored) > n and job.beam is None:

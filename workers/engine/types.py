@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -12,7 +13,7 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from schemas.events import Done, ErrorEvent
+from schemas.events import ChoiceResult, Done, ErrorEvent, Usage
 
 # Where EmbedRequest reports a failing callback, as the embedding engine logs.
 embed_log = logging.getLogger("inferq.embedding")
@@ -36,9 +37,9 @@ EXPIRE_GRACE_S = 30.0
 class Sampling:
     """The resolved sampling settings an engine runs one request with (every
     choice shares them): a job's SamplingOptions with each default filled in,
-    a JSON schema already turned into GBNF, text biases already token ids,
-    and the beam settings. Built by the engine's own mapping (for llama.cpp,
-    workers/engine/llama/options.resolve_sampling).
+    text biases already token ids, and the beam settings. Built by
+    workers.engine.options.resolve, with each engine's own grammar (llama.cpp
+    turns a JSON schema into GBNF; vLLM takes it as it is).
 
     The defaults below are llama-server's, declared here only: what a
     request and the model's config leave unset runs with them."""
@@ -63,6 +64,9 @@ class Sampling:
     logit_bias: tuple[tuple[int, float], ...] = ()
     # GBNF, already converted from a JSON schema where one was given.
     grammar: str | None = None
+    # A JSON schema (as JSON text) for engines that take one as it is (vLLM);
+    # None where the engine turned it into `grammar`.
+    json_schema: str | None = None
     # Log-probabilities of the chosen token plus this many alternatives;
     # None: no log-probabilities at all.
     logprobs: int | None = None
@@ -135,6 +139,30 @@ class EngineRequest:
                 return False
             self.result = result
             return True
+
+
+def answer(
+    request: EngineRequest,
+    choices: dict[int, ChoiceResult],
+    *,
+    n_generated: int,
+    started: float,
+    first_token_at: float | None,
+    tokens_cached: int,
+    prompt_ms: float | None,
+) -> Done:
+    """The Done of a request whose choices ended, timed from `started` (a
+    time.perf_counter reading) to now."""
+    now = time.perf_counter()
+    ttft = None if first_token_at is None else (first_token_at - started) * 1000
+    return Done(
+        choices=[choices[i] for i in sorted(choices)],
+        usage=Usage(len(request.prompt_tokens), n_generated),
+        ttft_ms=ttft,
+        duration_ms=(now - started) * 1000,
+        tokens_cached=tokens_cached,
+        prompt_ms=prompt_ms,
+    )
 
 
 def time_budget(

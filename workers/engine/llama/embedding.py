@@ -27,7 +27,7 @@ import numpy as np
 
 from schemas.llama_vocab import load_model, tokenize
 from schemas.worker_stats import WorkStats
-from workers.engine.llama.lifecycle import EngineThread
+from workers.engine.lifecycle import EngineThread
 from workers.engine.llama.model import new_context
 from workers.engine.types import BULK, INTERACTIVE, EmbedRequest, cosine
 

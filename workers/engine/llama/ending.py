@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import llama_cpp
 
 from schemas.events import Done, ErrorEvent, encode
-from workers.engine.llama.lifecycle import cancelled_answer, error
+from workers.engine.lifecycle import cancelled_answer, error
 from workers.engine.llama.model import LlamaModel
 from workers.engine.llama.sequence import Group, Sequence
 from workers.engine.llama.slots import Slots

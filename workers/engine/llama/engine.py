@@ -20,11 +20,7 @@ from schemas.jobs import GenerateJob
 from schemas.registry import PREFIX_CACHE_TOKENS, ModelConfig
 from schemas.worker_stats import WorkStats
 from workers.engine.interface import InvalidRequest
-from workers.engine.llama import beam, laid_out
-from workers.engine.llama.admission import next_request, preempt_for_interactive, requeue
-from workers.engine.llama.batch import Batch, plan
-from workers.engine.llama.ending import Endings
-from workers.engine.llama.lifecycle import (
+from workers.engine.lifecycle import (
     SHUTTING_DOWN,
     EngineThread,
     abandon,
@@ -32,9 +28,13 @@ from workers.engine.llama.lifecycle import (
     error,
     wait_bounded,
 )
+from workers.engine.llama import beam, laid_out
+from workers.engine.llama.admission import next_request, preempt_for_interactive, requeue
+from workers.engine.llama.batch import Batch, plan
+from workers.engine.llama.ending import Endings
 from workers.engine.llama.limits import check_cells, check_request, safe_sampling
 from workers.engine.llama.model import LlamaModel
-from workers.engine.llama.options import SamplingError, resolve_sampling
+from workers.engine.llama.options import resolve_sampling
 from workers.engine.llama.pacing import AbortFlag, Share, StepCost, StepTimes
 from workers.engine.llama.prefix_cache import PrefixCache
 from workers.engine.llama.sequence import Sequence
@@ -42,6 +42,7 @@ from workers.engine.llama.slots import Slots, is_bulk
 from workers.engine.llama.starting import start
 from workers.engine.llama.stats import EngineStats, snapshot
 from workers.engine.llama.tokens import Out, take_token
+from workers.engine.options import SamplingError
 from workers.engine.types import (
     PROMPT_TOKEN_BUDGET_S,
     TOKEN_BUDGET_S,
@@ -104,7 +105,7 @@ class LlamaEngine(Endings, EngineThread):
         try:
             sampling = resolve_sampling(job, config, self.model)
         except SamplingError as exc:
-            raise InvalidRequest(str(exc), param=exc.param) from exc
+            raise InvalidRequest(str(exc), param=exc.param, code=exc.code) from exc
         return safe_sampling(sampling, n_vocab=self.model.n_vocab, n_ctx=self.n_ctx_per_slot)
 
     def check_fits(self, prompt_tokens: int, max_tokens: int | None, n: int = 1) -> None:

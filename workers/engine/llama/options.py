@@ -1,33 +1,21 @@
 """The llama.cpp engine's one mapping of a job's SamplingOptions to its
-resolved Sampling: request first, then the model's configured defaults, then
-llama-server's. Token strings in logit_bias are tokenized; JSON schemas
-become GBNF."""
+resolved Sampling (workers.engine.options.resolve), JSON schemas and
+function calls turned into GBNF."""
 
 from __future__ import annotations
 
 import json
-import math
 import re
-from typing import Any, TypeVar
 
 from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
 
 from schemas.jobs import GenerateJob
-from schemas.registry import ModelConfig, Parameters
-from schemas.sampling import SHARED_FIELDS
+from schemas.registry import ModelConfig
 from workers.engine.llama.limits import check_grammar_text
 from workers.engine.llama.model import LlamaModel
 from workers.engine.llama.sampling import check_grammar
+from workers.engine.options import SamplingError, resolve, tool_call_schema
 from workers.engine.types import Sampling
-
-T = TypeVar("T")
-
-
-class SamplingError(ValueError):
-    def __init__(self, message: str, param: str) -> None:
-        super().__init__(message)
-        self.param = param
-
 
 # llama.cpp's JSON-schema converter writes a length or count bound out as that
 # many grammar elements: `"minLength": 1000000000` asks it for gigabytes. The
@@ -72,68 +60,15 @@ def schema_to_gbnf(schema: object, param: str) -> str:
     return grammar
 
 
-def _first(*values: T | None) -> T:
-    for value in values:
-        if value is not None:
-            return value
-    return values[-1]  # type: ignore[return-value]
-
-
-def _logit_bias(job: GenerateJob, model: LlamaModel) -> tuple[tuple[int, float], ...]:
-    out: list[tuple[int, float]] = []
-    for key, bias in job.sampling.logit_bias:
-        if bias is True:
-            raise SamplingError("logit_bias: a bias is a number, or false to ban", "logit_bias")
-        value = -math.inf if bias is False else float(bias)
-        if bias is not False and not math.isfinite(value):
-            raise SamplingError(
-                f"logit_bias: the bias of {key!r} must be a finite number (false bans)",
-                "logit_bias",
-            )
-        if isinstance(key, str):
-            tokens = model.tokenize(key, add_special=False, parse_special=False)
-        else:
-            tokens = [key]
-        for token in tokens:
-            if not 0 <= token < model.n_vocab:
-                raise SamplingError(
-                    f"logit_bias: token {token} is not in the vocabulary", "logit_bias"
-                )
-            out.append((token, value))
-    return tuple(out)
-
-
 def tool_call_grammar(job: GenerateJob) -> str | None:
-    """GBNF for function calling: a JSON object {"name", "arguments"} naming
-    one of the allowed tools ("required"), or that or free text ("auto")."""
-    if not job.tools or job.tool_mode == "none":
+    """GBNF for function calling: the call's JSON object ("required"), or that
+    or free text that does not open a JSON object ("auto")."""
+    schema = tool_call_schema(job)
+    if schema is None:
         return None
-    allowed = set(job.tool_names)
-    calls = []
-    for tool in job.tools:
-        function = tool.get("function")
-        name = function.get("name") if isinstance(function, dict) else None
-        if not isinstance(function, dict) or not isinstance(name, str):
-            raise SamplingError("every tool needs a function with a name", "tools")
-        if allowed and name not in allowed:
-            continue
-        calls.append(
-            {
-                "type": "object",
-                "properties": {
-                    "name": {"const": name},
-                    "arguments": function.get("parameters") or {"type": "object"},
-                },
-                "required": ["name", "arguments"],
-            }
-        )
-    if not calls:
-        raise SamplingError("tool_choice names no tool of this request", "tool_choice")
-    schema = calls[0] if len(calls) == 1 else {"oneOf": calls}
     call = schema_to_gbnf(schema, "tools")
     if job.tool_mode == "required":
         return call
-    # "auto": the same call, or any text that does not open a JSON object.
     call = re.sub(r"^root ::=", "tool-call ::=", call, flags=re.MULTILINE)
     return call + "\nroot ::= tool-call | free-text\nfree-text ::= [^{ \\t\\n] [^\\x00]*\n"
 
@@ -159,35 +94,5 @@ def _grammar(job: GenerateJob, model: LlamaModel) -> str | None:
     return grammar
 
 
-# The shared knobs Sampling holds as they are, each resolved by one rule: the
-# request's value, else the model's configured default where its config has
-# that key (temperature, top_p, top_k), else llama-server's (Sampling's
-# default). grammar and json_schema become one GBNF grammar (_grammar).
-_KNOBS = SHARED_FIELDS - {"grammar", "json_schema"}
-_CONFIGURED = _KNOBS & Parameters.model_fields.keys()
-
-
 def resolve_sampling(job: GenerateJob, config: ModelConfig, model: LlamaModel) -> Sampling:
-    req, defaults = job.sampling, config.parameters
-    base = Sampling()
-    knobs: dict[str, Any] = {
-        name: _first(
-            getattr(req, name),
-            getattr(defaults, name) if name in _CONFIGURED else None,
-            getattr(base, name),
-        )
-        for name in _KNOBS
-    }
-    return Sampling(
-        **knobs,
-        max_tokens=_first(req.max_tokens, defaults.max_tokens, None),
-        stop=tuple(dict.fromkeys([*req.stop, *config.stopwords])),
-        logit_bias=_logit_bias(job, model),
-        grammar=_grammar(job, model),
-        logprobs=req.logprobs,
-        n=job.beam.width if job.beam else req.n,
-        beam=job.beam is not None,
-        length_penalty=job.beam.length_penalty if job.beam else 1.0,
-        early_stopping=job.beam.early_stopping if job.beam else False,
-        samplers=tuple(req.samplers) if req.samplers is not None else None,
-    )
+    return resolve(job, config, model, grammar=_grammar(job, model))

@@ -11,9 +11,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from schemas.events import ChoiceResult, Done, Usage
+from schemas.events import ChoiceResult, Done
 from workers.engine.llama.text import TextAssembler
-from workers.engine.types import EngineRequest
+from workers.engine.types import EngineRequest, answer
 
 
 @dataclass(eq=False)
@@ -45,16 +45,15 @@ class Group:
         return len(self.choices) == self.n
 
     def result(self) -> Done:
-        now = time.perf_counter()
-        ttft = None if self.first_token_at is None else (self.first_token_at - self.started) * 1000
         prompt_ms = None
         if self.prompt_started is not None and self.prompt_done is not None:
             prompt_ms = (self.prompt_done - self.prompt_started) * 1000
-        return Done(
-            choices=[self.choices[i] for i in sorted(self.choices)],
-            usage=Usage(len(self.request.prompt_tokens), self.n_generated),
-            ttft_ms=ttft,
-            duration_ms=(now - self.started) * 1000,
+        return answer(
+            self.request,
+            self.choices,
+            n_generated=self.n_generated,
+            started=self.started,
+            first_token_at=self.first_token_at,
             tokens_cached=self.tokens_cached,
             prompt_ms=prompt_ms,
         )

@@ -94,7 +94,9 @@ def wait_bounded(
     prompt_token_s: float,
     token_s: float,
 ) -> Done | ErrorEvent:
-    """See LlamaEngine.wait."""
+    """An engine's `wait`: the result within the request's time budget
+    (workers.engine.types.time_budget); past it the engine is asked to expire
+    the request, and if it does not, the request is ended here (504)."""
     budget = time_budget(
         request,
         queue_timeout=queue_timeout,

@@ -1,0 +1,265 @@
+"""The vLLM GenerationEngine (workers.engine.interface): each request is one
+coroutine on the Runner's loop that feeds vLLM's AsyncLLM and folds its
+outputs into the worker's events. Continuous batching, paged attention and
+prefix caching are vLLM's own; interactive requests go before batch lines
+through vLLM's priority scheduling (workers.engine.types: INTERACTIVE 0,
+BULK 1, vLLM runs lower values first)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from typing import Any
+
+from schemas.events import ChoiceResult, Done, ErrorEvent, encode
+from schemas.jobs import GenerateJob
+from schemas.registry import ModelConfig
+from schemas.worker_stats import WorkStats
+from workers.engine.interface import InvalidRequest
+from workers.engine.lifecycle import SHUTTING_DOWN, abandon, cancelled_answer, error, wait_bounded
+from workers.engine.options import SamplingError
+from workers.engine.types import (
+    PROMPT_TOKEN_BUDGET_S,
+    TOKEN_BUDGET_S,
+    EngineRequest,
+    EventSink,
+    Sampling,
+    check_fits,
+)
+from workers.engine.vllm.outputs import Progress
+from workers.engine.vllm.runner import Outbox, Runner
+from workers.engine.vllm.tokenizer import HfTokenizer
+
+log = logging.getLogger("inferq.vllm")
+
+
+class VllmEngine:
+    def __init__(self, runner: Runner, sink: EventSink, *, n_slots: int, max_seqs: int) -> None:
+        self._runner = runner
+        self.sink = sink
+        self.n_slots = n_slots
+        self._max_seqs = max_seqs
+        llm = runner.llm
+        self.n_ctx_per_slot = int(llm.model_config.max_model_len)
+        self._tokenizer = HfTokenizer(llm.get_tokenizer(), llm.model_config.get_vocab_size())
+        self._outbox = Outbox(sink, self._finished)
+        # Requests in the engine, and the coroutine serving each (loop only).
+        self._running: dict[EngineRequest, asyncio.Task[None]] = {}
+        self._progress: dict[EngineRequest, Progress] = {}
+        self._prompt_tokens = 0
+        self._prompt_seconds = 0.0
+        self._generated = 0
+        self._generate_seconds = 0.0
+        self._closed = False
+        self._dead = False
+
+    # -- GenerationEngine -------------------------------------------------
+
+    @property
+    def tokenizer(self) -> HfTokenizer:
+        return self._tokenizer
+
+    def sampling_for(self, job: GenerateJob, config: ModelConfig) -> Sampling:
+        from workers.engine.vllm.options import resolve_sampling
+
+        try:
+            return resolve_sampling(job, config, self._tokenizer)
+        except SamplingError as exc:
+            raise InvalidRequest(str(exc), param=exc.param, code=exc.code) from exc
+
+    def check_fits(self, prompt_tokens: int, max_tokens: int | None, n: int = 1) -> None:
+        check_fits(prompt_tokens, max_tokens, n, n_ctx=self.n_ctx_per_slot, n_slots=self._max_seqs)
+
+    def submit(self, *requests: EngineRequest) -> None:
+        for request in requests:
+            if self._closed:
+                abandon(self.sink, [request], SHUTTING_DOWN, 503)
+                continue
+            self._runner.soon(lambda r=request: self._start(r))  # type: ignore[misc]
+
+    def wait(self, request: EngineRequest, *, queue_timeout: float) -> Done | ErrorEvent:
+        return wait_bounded(
+            self,
+            request,
+            queue_timeout=queue_timeout,
+            prompt_token_s=PROMPT_TOKEN_BUDGET_S,
+            token_s=TOKEN_BUDGET_S,
+        )
+
+    def cancel(self, request: EngineRequest) -> None:
+        request.cancel()
+        self._runner.soon(lambda: self._stop(request))
+
+    def expire(self, request: EngineRequest, reason: str) -> None:
+        request.expired = reason
+        self._runner.soon(lambda: self._stop(request))
+
+    def metrics(self) -> WorkStats:
+        running = list(self._running)
+        return WorkStats(
+            prompt_tokens=self._prompt_tokens,
+            prompt_seconds=self._prompt_seconds,
+            predicted_tokens=self._generated,
+            predicted_seconds=self._generate_seconds,
+            processing=len(running),
+        )
+
+    def close(self) -> None:
+        self._closed = True
+        try:
+            self._runner.call(self._stop_all(), timeout=30)
+        except Exception:
+            log.exception("stopping the requests in vLLM failed")
+        self._outbox.close()
+        self._runner.close()
+
+    # -- on the loop --------------------------------------------------------
+
+    def _start(self, request: EngineRequest) -> None:
+        progress = Progress(request)
+        self._progress[request] = progress
+        task = self._runner.loop.create_task(self._serve(request, progress))
+        self._running[request] = task
+        task.add_done_callback(lambda _: self._settled(request, progress))
+
+    def _stop(self, request: EngineRequest) -> None:
+        task = self._running.get(request)
+        if task is not None:
+            # generate() aborts the request in vLLM when its consumer is cancelled.
+            task.cancel()
+
+    async def _stop_all(self) -> None:
+        tasks = list(self._running.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _serve(self, request: EngineRequest, progress: Progress) -> None:
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        try:
+            if request.cancelled or request.expired is not None:
+                raise asyncio.CancelledError
+            result: Done | ErrorEvent = await self._generate(request, progress)
+        except asyncio.CancelledError:
+            result = self._interrupted(request, progress)
+        except EngineDeadError:
+            result = error("the vLLM engine stopped; the worker restarts", 503)
+            self._engine_died()
+        except Exception as exc:
+            result = self._failure(request, progress, exc)
+        self._end(request, result)
+
+    async def _generate(self, request: EngineRequest, progress: Progress) -> Done:
+        from workers.engine.vllm.options import sampling_params
+
+        sampling = request.sampling
+        prompt = len(request.prompt_tokens)
+        limit = self.n_ctx_per_slot - prompt
+        max_tokens = limit if sampling.max_tokens is None else min(sampling.max_tokens, limit)
+        if max_tokens <= 0:
+            # llama.cpp's n_predict 0: nothing to generate.
+            return _empty(request, progress)
+        llm = self._runner.llm
+        tokens: dict[str, Any] = {"prompt_token_ids": list(request.prompt_tokens)}
+        if sampling.beam:
+            from workers.engine.vllm.beam import beam_search
+
+            progress.take_beams(await beam_search(llm, request, max_tokens))
+        else:
+            params = sampling_params(sampling, max_tokens=max_tokens)
+            async for output in llm.generate(
+                tokens, params, request.request_id, priority=request.priority
+            ):
+                events = progress.take(output)
+                if events:
+                    self._outbox.put(events)
+        self._count(progress)
+        return progress.result()
+
+    def _count(self, progress: Progress) -> None:
+        prompt = len(progress.request.prompt_tokens)
+        self._prompt_tokens += max(prompt - progress.tokens_cached, 0)
+        self._generated += progress.n_generated
+        done = progress.result()
+        if done.ttft_ms is not None:
+            self._prompt_seconds += done.ttft_ms / 1000
+            self._generate_seconds += max(done.duration_ms - done.ttft_ms, 0.0) / 1000
+
+    def _interrupted(self, request: EngineRequest, progress: Progress) -> Done | ErrorEvent:
+        if request.expired is not None:
+            return error(request.expired, 504)
+        if self._closed:
+            return error(SHUTTING_DOWN, 503)
+        return cancelled_answer(request, progress.result())
+
+    def _failure(self, request: EngineRequest, progress: Progress, exc: Exception) -> ErrorEvent:
+        from vllm.exceptions import VLLMClientError
+
+        cause = exc.__cause__ if exc.__cause__ is not None else exc
+        if progress.n_generated == 0 and isinstance(cause, VLLMClientError | ValueError):
+            # vLLM refused the request before running it (a grammar it cannot
+            # compile, say): the client's mistake, a 400.
+            sampling = request.sampling
+            param = "json_schema" if sampling.json_schema else None
+            param = "grammar" if sampling.grammar else param
+            return ErrorEvent(
+                message=f"the request was refused by vLLM: {cause}",
+                error_type="invalid_request_error",
+                code="invalid_request_error",
+                status=400,
+                param=param,
+            )
+        log.error("request %s failed in vLLM", request.request_id, exc_info=exc)
+        return error(f"inference failed: {type(cause).__name__}: {cause}")
+
+    def _engine_died(self) -> None:
+        if self._dead:
+            return
+        self._dead = True
+        # Nothing more can run here: stop the worker (a warm shutdown hands
+        # its queued jobs back) so that its supervisor starts a new one.
+        log.critical("the vLLM engine core died; stopping the worker")
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def _end(self, request: EngineRequest, result: Done | ErrorEvent) -> None:
+        if not request.settle(result):
+            return
+        if request.publish:
+            self._outbox.put([(request.request_id, encode(result))], ended=request)
+        else:
+            self._finished(request)
+
+    def _settled(self, request: EngineRequest, progress: Progress) -> None:
+        """The request's coroutine is done: forget it. One cancelled before it
+        ever ran never reached _serve's handlers and ends here."""
+        self._running.pop(request, None)
+        self._progress.pop(request, None)
+        if request.result is None:
+            self._end(request, self._interrupted(request, progress))
+
+    def _finished(self, request: EngineRequest) -> None:
+        request.finished.set()
+        if request.on_finish is not None:
+            try:
+                request.on_finish(request)
+            except Exception:
+                log.exception("the finish callback of %s failed", request.request_id)
+
+
+def _empty(request: EngineRequest, progress: Progress) -> Done:
+    """The answer of a request with nothing to generate (max_tokens 0)."""
+    choices = [
+        ChoiceResult(
+            index=i,
+            finish_reason="length",
+            text=None if request.streams else "",
+            logprobs=None if request.streams or request.sampling.logprobs is None else [],
+            stop_type="limit",
+        )
+        for i in range(request.sampling.n)
+    ]
+    done = progress.result()
+    return Done(choices, done.usage, done.ttft_ms, done.duration_ms)

@@ -1,0 +1,79 @@
+"""The runtimes of a `backend: vllm` model: vLLM's AsyncLLM in this process
+(on its own loop thread), as a generation engine or, for an embedding or
+reranking model, an embedder. Imported only in the vLLM environment."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from schemas.jobs import GenerateJob
+from schemas.templates import PromptBuilder
+from workers.embed import EmbedRuntime
+from workers.generate import Loading, WorkerRuntime
+from workers.props import generation_settings, publish
+
+log = logging.getLogger("inferq.worker")
+
+
+def vllm_runtimes(
+    loading: Loading,
+) -> tuple[WorkerRuntime | None, EmbedRuntime | None, Callable[[], None]]:
+    """The runtime serving the model and what publishes its /props."""
+    config, path = loading.config, loading.path
+    import torch
+
+    from workers.engine.vllm.runner import Runner
+    from workers.engine.vllm.settings import engine_kwargs
+
+    cpu = not torch.cuda.is_available()
+    kwargs = engine_kwargs(config, path, cpu=cpu)
+    log.info("starting vLLM for %s from %s (%s)", config.name, path, "CPU" if cpu else "GPU")
+    runner = Runner(kwargs)
+    if not config.generates:
+        from workers.engine.vllm.embedding import VllmEmbedder
+
+        embedder = VllmEmbedder(
+            runner, rank=config.cross_encoder, max_input=config.embedding_max_tokens
+        )
+        return None, loading.embed_runtime(embedder), lambda: None
+
+    from workers.engine.vllm.engine import VllmEngine
+
+    engine = VllmEngine(
+        runner, loading.sink, n_slots=config.parallel, max_seqs=int(kwargs["max_num_seqs"])
+    )
+    tokenizer = engine.tokenizer
+    prompts = PromptBuilder(
+        config,
+        tokenizer_template=tokenizer.chat_template,
+        bos_token=tokenizer.bos_text,
+        eos_token=tokenizer.eos_text,
+    )
+    runtime = loading.runtime(engine, prompts)
+
+    def props() -> dict[str, Any]:
+        job = GenerateJob(request_id="props", model=config.name, endpoint="completions")
+        sampling = engine.sampling_for(job, config)
+        n_ctx = engine.n_ctx_per_slot
+        return {
+            "model": config.name,
+            "model_path": str(path),
+            "n_ctx": n_ctx,
+            "params": generation_settings(sampling, n_ctx=n_ctx, model=config.name),
+            "chat_template": config.template.chat or tokenizer.chat_template or "",
+            "bos_token": tokenizer.bos_text,
+            "eos_token": tokenizer.eos_text,
+            "build_info": f"inferq (vLLM {_vllm_version()})",
+            "infill": False,
+            "backend": "vllm",
+        }
+
+    return runtime, None, lambda: publish(loading.redis, config, props)
+
+
+def _vllm_version() -> str:
+    import vllm
+
+    return str(getattr(vllm, "__version__", "unknown"))
