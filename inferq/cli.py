@@ -67,6 +67,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gpus(value: str) -> str:
+    """`--gpu 0` or `--gpu 0,1`: GPU indices, as CUDA_VISIBLE_DEVICES takes them."""
+    parts = value.split(",")
+    if not all(part.strip().isdigit() for part in parts):
+        raise argparse.ArgumentTypeError(f"expected GPU indices like 0 or 0,1, not {value!r}")
+    return ",".join(part.strip() for part in parts)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="inferq", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -83,7 +91,13 @@ def main(argv: list[str] | None = None) -> int:
 
     worker = sub.add_parser("worker", help="run a worker for one model")
     worker.add_argument("--model", required=True, help="model name from the registry")
-    worker.add_argument("--gpu", type=int, default=None, help="GPU index to pin to")
+    worker.add_argument(
+        "--gpu",
+        type=_gpus,
+        default=None,
+        help="GPU index to pin to; K,L,... for a vLLM model split over several "
+        "(tensor_parallel_size)",
+    )
     worker.set_defaults(func=_cmd_worker)
 
     migrate = sub.add_parser("migrate", help="apply database migrations")

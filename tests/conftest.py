@@ -21,12 +21,25 @@ from schemas.settings import normalize_database_url
 from tests.support.deploy import other_redis_db, scratch_database
 from tests.support.postgres_server import start_postgres
 from tests.support.redis_server import start_redis
-from tests.support.stack import stack
+from tests.support.stack import Stack, stack
 from tests.support.tinymodel import write_tiny_llama
+from tests.support.vllm_stack import hf_models, vllm_stack
 
 logging.getLogger("gguf").setLevel(logging.WARNING)
 
-__all__ = ["stack"]
+__all__ = ["hf_models", "stack", "vllm_stack"]
+
+# The engines a `served` test runs on: the same requests, through the same
+# API, answered by a llama.cpp worker and by a vLLM worker.
+BACKENDS = ("llama-cpp", "vllm")
+
+
+@pytest.fixture(scope="session", params=BACKENDS)
+def served(request: pytest.FixtureRequest) -> Stack:
+    """The end-to-end stack of each backend in turn (MODEL on each)."""
+    fixture = "vllm_stack" if request.param == "vllm" else "stack"
+    served_stack: Stack = request.getfixturevalue(fixture)
+    return served_stack
 
 
 @pytest.fixture(scope="session")

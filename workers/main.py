@@ -33,10 +33,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("inferq.worker")
 
 
-def run_worker(model_name: str, *, gpu: int | None = None) -> int:
+def run_worker(model_name: str, *, gpu: str | None = None) -> int:
     if gpu is not None:
         # Before llama.cpp is imported: the CUDA runtime reads it once.
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
     settings = get_settings()
     registry = load_registry(settings.models_dir)
     config = registry.models.get(model_name)

@@ -5,6 +5,7 @@ reranking model, an embedder. Imported only in the vLLM environment."""
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -15,6 +16,8 @@ from workers.generate import Loading, WorkerRuntime
 from workers.props import generation_settings, publish
 
 log = logging.getLogger("inferq.worker")
+
+CPU_NICENESS = 10
 
 
 def vllm_runtimes(
@@ -28,6 +31,13 @@ def vllm_runtimes(
     from workers.engine.vllm.settings import engine_kwargs
 
     cpu = not torch.cuda.is_available()
+    if cpu:
+        # A busy vLLM engine on CPU keeps two processes at full speed (its
+        # scheduler and its model runner, which inherit this niceness). At a
+        # lower priority they still take every idle cycle, while Redis, the
+        # API and the heartbeats, which need little but need it at once, are
+        # not starved: on a 2-core machine they were, for seconds.
+        os.nice(CPU_NICENESS)
     kwargs = engine_kwargs(config, path, cpu=cpu)
     log.info("starting vLLM for %s from %s (%s)", config.name, path, "CPU" if cpu else "GPU")
     runner = Runner(kwargs)

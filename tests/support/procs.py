@@ -24,11 +24,18 @@ def free_port() -> int:
 
 
 def inferq(
-    args: list[str], env: dict[str, str], log: Path, *, cwd: Path | None = None
+    args: list[str],
+    env: dict[str, str],
+    log: Path,
+    *,
+    cwd: Path | None = None,
+    python: str | Path | None = None,
 ) -> subprocess.Popen[bytes]:
+    """`inferq ARGS` as a process of its own, in this Python or `python` (the
+    vLLM environment's, for a vLLM worker)."""
     handle = log.open("ab")
     return subprocess.Popen(
-        [sys.executable, "-m", "inferq", *args],
+        [str(python or sys.executable), "-m", "inferq", *args],
         cwd=cwd,
         env=env,
         stdout=handle,

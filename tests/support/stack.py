@@ -25,6 +25,9 @@ class Stack:
     database_url: str
     log: Path
     env: dict[str, str]
+    # The Python its workers run in (None: this one; the vLLM environment's
+    # for the vLLM stack).
+    python: Path | None = None
 
     def client(self) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0)

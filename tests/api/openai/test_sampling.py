@@ -22,15 +22,15 @@ from workers.engine.llama.model import ContextOptions, LlamaModel
 MESSAGES = [{"role": "user", "content": "hello world"}]
 
 
-def _post(stack: Stack, path: str, body: dict[str, object]) -> dict[str, object]:
-    response = httpx.post(stack.url + path, json={"model": MODEL, **body}, timeout=60)
+def _post(served: Stack, path: str, body: dict[str, object]) -> dict[str, object]:
+    response = httpx.post(served.url + path, json={"model": MODEL, **body}, timeout=60)
     assert response.status_code == 200, response.text
     data: dict[str, object] = response.json()
     return data
 
 
-def test_n_choices(stack: Stack) -> None:
-    response = stack.client().chat.completions.create(
+def test_n_choices(served: Stack) -> None:
+    response = served.client().chat.completions.create(
         model=MODEL,
         messages=MESSAGES,
         n=2,
@@ -43,7 +43,7 @@ def test_n_choices(stack: Stack) -> None:
     assert response.choices[0].message.content != response.choices[1].message.content
     assert response.usage is not None and response.usage.completion_tokens == 12
     chunks = list(
-        stack.client().chat.completions.create(
+        served.client().chat.completions.create(
             model=MODEL,
             messages=MESSAGES,
             n=2,
@@ -68,8 +68,8 @@ def test_n_choices(stack: Stack) -> None:
         assert finishes == ["length"]
 
 
-def test_chat_logprobs(stack: Stack) -> None:
-    client = stack.client()
+def test_chat_logprobs(served: Stack) -> None:
+    client = served.client()
     response = client.chat.completions.create(
         model=MODEL,
         messages=MESSAGES,
@@ -104,8 +104,8 @@ def test_chat_logprobs(stack: Stack) -> None:
     assert tokens == [t.token for t in content]
 
 
-def test_completion_logprobs(stack: Stack) -> None:
-    response = stack.client().completions.create(
+def test_completion_logprobs(served: Stack) -> None:
+    response = served.client().completions.create(
         model=MODEL, prompt="hello", max_tokens=4, temperature=0, logprobs=2
     )
     Completion.model_validate(response.model_dump())
@@ -117,13 +117,13 @@ def test_completion_logprobs(stack: Stack) -> None:
     assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(4)]
 
 
-def test_response_format_json_schema(stack: Stack) -> None:
+def test_response_format_json_schema(served: Stack) -> None:
     schema = {
         "type": "object",
         "properties": {"ok": {"type": "boolean"}, "color": {"enum": ["red", "green"]}},
         "required": ["ok", "color"],
     }
-    response = stack.client().chat.completions.create(
+    response = served.client().chat.completions.create(
         model=MODEL,
         messages=MESSAGES,  # type: ignore[arg-type]
         max_tokens=60,
@@ -132,27 +132,27 @@ def test_response_format_json_schema(stack: Stack) -> None:
     value = json.loads(response.choices[0].message.content or "")
     assert value["color"] in ("red", "green") and isinstance(value["ok"], bool)
     obj = _post(
-        stack,
+        served,
         "/v1/chat/completions",
         {"messages": MESSAGES, "max_tokens": 3, "response_format": {"type": "json_object"}},
     )
     assert obj["choices"][0]["message"]["content"].lstrip().startswith("{")  # type: ignore[index]
 
 
-def test_gbnf_grammar_and_llama_extras(stack: Stack) -> None:
+def test_gbnf_grammar_and_llama_extras(served: Stack) -> None:
     body = _post(
-        stack,
+        served,
         "/v1/completions",
         {"prompt": "hi", "max_tokens": 20, "grammar": 'root ::= ("yes" | "no") "!"'},
     )
     assert re.fullmatch(r"(yes|no)!", body["choices"][0]["text"])  # type: ignore[index]
-    greedy = _post(stack, "/v1/completions", {"prompt": "hi", "max_tokens": 8, "temperature": 0})
+    greedy = _post(served, "/v1/completions", {"prompt": "hi", "max_tokens": 8, "temperature": 0})
     top1 = _post(
-        stack, "/v1/completions", {"prompt": "hi", "max_tokens": 8, "temperature": 1.5, "top_k": 1}
+        served, "/v1/completions", {"prompt": "hi", "max_tokens": 8, "temperature": 1.5, "top_k": 1}
     )
     assert top1["choices"][0]["text"] == greedy["choices"][0]["text"]  # type: ignore[index]
     n_predict = _post(
-        stack, "/v1/completions", {"prompt": "hi", "n_predict": 5, "ignore_eos": True}
+        served, "/v1/completions", {"prompt": "hi", "n_predict": 5, "ignore_eos": True}
     )
     assert n_predict["usage"]["completion_tokens"] == 5  # type: ignore[index]
 
@@ -170,7 +170,9 @@ def test_logit_bias_openai_and_llama_forms(stack: Stack, tiny_gguf: Path) -> Non
     assert forced["choices"][0]["text"] == " world" * 3  # type: ignore[index]
     # llama.cpp: [[text or id, bias or false]]; false bans.
     greedy = _post(
-        stack, "/v1/completions", {"prompt": "hi", "max_tokens": 3, "temperature": 0, "logprobs": 0}
+        stack,
+        "/v1/completions",
+        {"prompt": "hi", "max_tokens": 3, "temperature": 0, "logprobs": 0},
     )
     first = greedy["choices"][0]["logprobs"]["tokens"][0]  # type: ignore[index]
     banned = _post(
@@ -187,8 +189,8 @@ def test_logit_bias_openai_and_llama_forms(stack: Stack, tiny_gguf: Path) -> Non
     assert banned["choices"][0]["logprobs"]["tokens"][0] != first  # type: ignore[index]
 
 
-def _cancelled_since(stack: Stack, since: datetime) -> list[dict[str, object]]:
-    engine = create_engine(stack.database_url)
+def _cancelled_since(served: Stack, since: datetime) -> list[dict[str, object]]:
+    engine = create_engine(served.database_url)
     try:
         with engine.connect() as conn:
             rows = (
@@ -204,7 +206,7 @@ def _cancelled_since(stack: Stack, since: datetime) -> list[dict[str, object]]:
         engine.dispose()
 
 
-def test_cancelled_queued_job_never_starts(stack: Stack) -> None:
+def test_cancelled_queued_job_never_starts(served: Stack) -> None:
     since = datetime.now(UTC)
     long = {
         "model": MODEL,
@@ -222,7 +224,7 @@ def test_cancelled_queued_job_never_starts(stack: Stack) -> None:
 
     def occupy() -> None:
         # Hold one of the worker's two slots until told to go.
-        with httpx.stream("POST", stack.url + "/v1/completions", json=long, timeout=60) as r:
+        with httpx.stream("POST", served.url + "/v1/completions", json=long, timeout=60) as r:
             for _ in r.iter_lines():
                 if stop_busy.is_set():
                     return
@@ -233,7 +235,7 @@ def test_cancelled_queued_job_never_starts(stack: Stack) -> None:
     time.sleep(0.5)
     # A third request waits in the queue; its client gives up.
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(stack.url + "/v1/completions", json={**long, "stream": False}, timeout=1.0)
+        httpx.post(served.url + "/v1/completions", json={**long, "stream": False}, timeout=1.0)
     time.sleep(0.3)
     stop_busy.set()
     for thread in busy:
@@ -241,7 +243,7 @@ def test_cancelled_queued_job_never_starts(stack: Stack) -> None:
     deadline = time.monotonic() + 15
     rows: list[dict[str, object]] = []
     while time.monotonic() < deadline:
-        rows = _cancelled_since(stack, since)
+        rows = _cancelled_since(served, since)
         if len(rows) >= 3:
             break
         time.sleep(0.2)

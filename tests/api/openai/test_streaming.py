@@ -17,23 +17,23 @@ from tests.support.stack import MODEL, Stack
 MESSAGES = [{"role": "user", "content": "hello"}]
 
 
-def test_quiet_stream_gets_pings_then_an_error_event_and_done(stack: Stack) -> None:
+def test_quiet_stream_gets_pings_then_an_error_event_and_done(served: Stack) -> None:
     # A second API on the same Redis, with short ping and timeout settings.
     port = free_port()
     env = {
-        **stack.env,
+        **served.env,
         "INFERQ_PORT": str(port),
         "INFERQ_SSE_PING_INTERVAL": "0.15",
         # Shorter than the two 2000-token jobs that hold both slots.
         "INFERQ_REQUEST_TIMEOUT": "0.8",
     }
-    log = stack.log.parent / "api-pings.log"
+    log = served.log.parent / "api-pings.log"
     api = inferq(["api"], env, log)
     release = threading.Event()
     long = {"model": MODEL, "prompt": "hi", "max_tokens": 2000, "stream": True, "ignore_eos": True}
 
     def occupy() -> None:
-        with httpx.stream("POST", stack.url + "/v1/completions", json=long, timeout=60) as r:
+        with httpx.stream("POST", served.url + "/v1/completions", json=long, timeout=60) as r:
             for _ in r.iter_lines():
                 if release.is_set():
                     return
@@ -60,9 +60,9 @@ def test_quiet_stream_gets_pings_then_an_error_event_and_done(stack: Stack) -> N
     assert lines[-2].startswith('data: {"error"') and '"code":"timeout"' in lines[-2]
 
 
-def test_async_client_streams(stack: Stack) -> None:
+def test_async_client_streams(served: Stack) -> None:
     async def main() -> list[ChatCompletionChunk]:
-        client = openai.AsyncOpenAI(base_url=stack.url + "/v1", api_key="x", max_retries=0)
+        client = openai.AsyncOpenAI(base_url=served.url + "/v1", api_key="x", max_retries=0)
         stream = await client.chat.completions.create(
             model=MODEL,
             messages=MESSAGES,
@@ -80,8 +80,8 @@ def test_async_client_streams(stack: Stack) -> None:
     assert [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason] == ["length"]
 
 
-def test_max_completion_tokens(stack: Stack) -> None:
-    response = stack.client().chat.completions.create(
+def test_max_completion_tokens(served: Stack) -> None:
+    response = served.client().chat.completions.create(
         model=MODEL,
         messages=MESSAGES,
         max_completion_tokens=7,  # type: ignore[arg-type]

@@ -74,12 +74,17 @@ class VllmEmbedder:
 
         if self._rank:
             params = PoolingParams(task="classify")
+            second = self._tokenizer.second_text_at(tokens)
+            if second is not None:
+                # A BERT cross-encoder tells the document from the query by
+                # its token types, which vLLM takes as the index of the first
+                # type-1 token (what its own scoring path hands the model).
+                params = PoolingParams(
+                    task="classify", extra_kwargs={"compressed_token_type_ids": second}
+                )
         else:
             params = PoolingParams(task="embed", use_activation=request.normalize)
         prompt: dict[str, Any] = {"prompt_token_ids": list(tokens)}
-        types = self._tokenizer.pair_types(tokens) if self._rank else None
-        if types is not None:
-            prompt["token_type_ids"] = types
         final = None
         async for output in self._runner.llm.encode(
             prompt, params, f"embed-{next(self._ids)}", priority=request.priority

@@ -28,7 +28,7 @@ from workers.engine.types import (
     Sampling,
     check_fits,
 )
-from workers.engine.vllm.outputs import Progress
+from workers.engine.vllm.outputs import Progress, RequestFailed
 from workers.engine.vllm.runner import Outbox, Runner
 from workers.engine.vllm.tokenizer import HfTokenizer
 
@@ -54,6 +54,24 @@ class VllmEngine:
         self._generate_seconds = 0.0
         self._closed = False
         self._dead = False
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """One token with log-probabilities before the first request: vLLM's
+        first such request spends seconds setting up (measured: 2 s on a
+        CPU), which would otherwise land on a user's time to first token."""
+        from vllm.sampling_params import SamplingParams
+
+        async def once() -> None:
+            params = SamplingParams(max_tokens=1, logprobs=1, temperature=0)
+            prompt = {"prompt_token_ids": self._tokenizer.tokenize("Hello", add_special=True)}
+            async for _ in self._runner.llm.generate(prompt, params, "warm-up"):
+                pass
+
+        try:
+            self._runner.call(once(), timeout=300)
+        except Exception:
+            log.warning("the warm-up request failed", exc_info=True)
 
     # -- GenerationEngine -------------------------------------------------
 
@@ -199,6 +217,9 @@ class VllmEngine:
         from vllm.exceptions import VLLMClientError
 
         cause = exc.__cause__ if exc.__cause__ is not None else exc
+        constrained = request.sampling.grammar or request.sampling.json_schema
+        if isinstance(cause, RequestFailed) and constrained and progress.n_generated == 0:
+            cause = ValueError("its grammar could not be compiled")
         if progress.n_generated == 0 and isinstance(cause, VLLMClientError | ValueError):
             # vLLM refused the request before running it (a grammar it cannot
             # compile, say): the client's mistake, a 400.

@@ -16,6 +16,11 @@ from workers.engine.types import EngineRequest, answer
 Out = list[tuple[str, bytes]]
 
 
+class RequestFailed(RuntimeError):
+    """vLLM ended a request with finish_reason "error" (it logs why: a
+    grammar its engine could not compile, say)."""
+
+
 def logprob_entries(token_ids: Any, logprobs: Any, n_top: int) -> list[dict[str, Any]]:
     """Each generated token's entry, {"id", "token", "bytes", "logprob",
     "top_logprobs"}, from vLLM's {token id: Logprob} of each position (the
@@ -97,6 +102,8 @@ class Progress:
                 choice = self._open.setdefault(index, _Choice())
                 choice.parts.append(delta.text)
                 choice.logprobs.extend(entries)
+            if delta.finish_reason == "error":
+                raise RequestFailed(f"vLLM ended choice {index} with an error")
             if delta.finish_reason is not None and delta.finish_reason != "abort":
                 self._close(index, delta)
         return out

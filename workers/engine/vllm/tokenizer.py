@@ -64,14 +64,13 @@ class HfTokenizer:
         encoded = self._tokenizer(first, second, truncation=False)
         return [int(t) for t in encoded["input_ids"]]
 
-    def pair_types(self, ids: list[int]) -> list[int] | None:
-        """The token type ids of a pair from `pair`, for models that tell the
-        second text by them (BERT: 0 up to the first separator, 1 after it);
-        None for models that do not use them."""
+    def second_text_at(self, ids: list[int]) -> int | None:
+        """Where a pair from `pair` starts its second text, for models that
+        tell it by token types (BERT: type 1 after the first separator); None
+        for models that do not use them."""
         if self._pair_separator is None:
             return None
         try:
-            cut = ids.index(self._pair_separator) + 1
+            return ids.index(self._pair_separator) + 1
         except ValueError:
-            return [0] * len(ids)
-        return [0] * cut + [1] * (len(ids) - cut)
+            return len(ids)
