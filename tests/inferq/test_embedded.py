@@ -110,3 +110,26 @@ def test_up_uses_given_redis_and_postgres(workdir: Path, other_redis_url: str, p
         )
         assert len(rows) == 1
         assert not (workdir / "data" / "inferq.db").exists()
+
+
+def test_a_vllm_model_starts_in_the_vllm_environment(tmp_path: Path) -> None:
+    from inferq.embedded import worker_command
+    from schemas.registry import ModelConfig, Parameters
+    from schemas.settings import Settings
+
+    llama = ModelConfig(name="g", parameters=Parameters(model="g.gguf"))
+    vllm = ModelConfig(name="v", backend="vllm", parameters=Parameters(model="dir"))
+    python = tmp_path / "python"
+    python.write_text("")
+    settings = Settings(vllm_python=python)
+    assert worker_command(llama, settings) == [
+        sys.executable,
+        "-m",
+        "inferq",
+        "worker",
+        "--model",
+        "g",
+    ]
+    assert worker_command(vllm, settings) == [str(python), "-m", "inferq", "worker", "--model", "v"]
+    # No vLLM environment: no worker for that model (inferq up says how to make one).
+    assert worker_command(vllm, Settings(vllm_python=tmp_path / "missing")) is None

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import subprocess
 import threading
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
@@ -47,6 +48,7 @@ class Runner:
         except BaseException:
             self._stop_loop()
             raise
+        self._reaper = _watch_engine()
 
     def call(self, coro: Coroutine[Any, Any, T], *, timeout: float | None = None) -> T:
         """Run `coro` on the loop and wait for its result (from another thread)."""
@@ -64,10 +66,29 @@ class Runner:
         except Exception:
             log.exception("shutting vLLM down failed")
         self._stop_loop()
+        if self._reaper is not None:
+            self._reaper.kill()
 
     def _stop_loop(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=30)
+
+
+def _watch_engine() -> subprocess.Popen[bytes] | None:
+    """A reaper (workers.engine.vllm.reaper) for the engine processes vLLM
+    just started under this one."""
+    import psutil
+
+    from workers.engine.vllm import reaper
+
+    engine = psutil.Process().children(recursive=True)
+    if not engine:
+        return None
+    try:
+        return reaper.start(engine)
+    except OSError:
+        log.warning("could not start the engine's reaper", exc_info=True)
+        return None
 
 
 class Outbox:
