@@ -44,7 +44,10 @@ def vllm_python() -> Path:
 
 def vllm_serve(args: argparse.Namespace, work: Path, tag: str) -> services.Service:
     port = services.free_port()
-    cmd = [str(vllm_python().parent / "vllm"), "serve", str(args.model_dir)]
+    # `vllm serve` is this module; the CPU build's `vllm` script looks up a
+    # distribution named vllm, which it is not, and exits.
+    cmd = [str(vllm_python()), "-m", "vllm.entrypoints.openai.api_server"]
+    cmd += ["--model", str(args.model_dir)]
     cmd += ["--served-model-name", NAME, "--max-model-len", str(args.context)]
     cmd += ["--max-num-seqs", str(args.seqs), "--dtype", args.dtype, "--enforce-eager"]
     cmd += ["--host", "127.0.0.1", "--port", str(port), "--disable-log-stats"]
@@ -72,6 +75,8 @@ def inferq_vllm(args: argparse.Namespace, work: Path, tag: str) -> services.Serv
         f"dtype: {args.dtype}}}\n"
     )
     extra = {**VLLM_ENV, "INFERQ_VLLM_PYTHON": str(vllm_python())}
+    if args.inferq_nice is not None:
+        extra["INFERQ_VLLM_CPU_NICE"] = str(args.inferq_nice)
     return services.inferq_up(home, home / "inferq.log", drop=services.INFERQ_ENV_DROP, **extra)
 
 
@@ -100,7 +105,8 @@ def _cell(values: list[float], digits: int) -> str:
 def report(runs: dict[str, list[list[LevelResult]]], args: argparse.Namespace) -> str:
     lines = [
         f"Model: {args.model_dir.name}, dtype {args.dtype}, context {args.context}, "
-        f"max_num_seqs {args.seqs}; {len(runs['vllm serve'])} runs of each, A B A B.",
+        f"max_num_seqs {args.seqs}; {len(runs['vllm serve'])} runs of each, A B A B"
+        + ("." if args.inferq_nice is None else f"; inferq's engine at nice {args.inferq_nice}."),
         "",
         "| concurrency | vllm serve tok/s | inferq tok/s | ratio | vllm serve TTFT p50 ms "
         "| inferq TTFT p50 ms |",
@@ -127,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--context", type=int, default=2048)
     parser.add_argument("--seqs", type=int, default=8)
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument(
+        "--inferq-nice", type=int, help="the vLLM engine's niceness in inferq (default: its own)"
+    )
     args = parser.parse_args(argv)
     args.levels = [int(x) for x in args.levels.split(",")]
     args.model_dir = args.model_dir.resolve()

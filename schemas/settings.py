@@ -39,6 +39,9 @@ class Settings(BaseSettings):
     # `inferq up` starts a `backend: vllm` model's worker with. None: the
     # .venv-vllm beside this checkout, where there is one.
     vllm_python: Path | None = None
+    # The niceness of a vLLM engine's processes on a CPU (workers/vllm_runtime.py):
+    # 0 gives the engine the CPU on equal terms with Redis and the API.
+    vllm_cpu_nice: int = Field(default=10, ge=0, le=19)
     host: str = "127.0.0.1"
     port: int = 8080
     log_level: str = "INFO"

@@ -10,14 +10,13 @@ from collections.abc import Callable
 from typing import Any
 
 from schemas.jobs import GenerateJob
+from schemas.settings import get_settings
 from schemas.templates import PromptBuilder
 from workers.embed import EmbedRuntime
 from workers.generate import Loading, WorkerRuntime
 from workers.props import generation_settings, publish
 
 log = logging.getLogger("inferq.worker")
-
-CPU_NICENESS = 10
 
 
 def vllm_runtimes(
@@ -37,7 +36,7 @@ def vllm_runtimes(
         # lower priority they still take every idle cycle, while Redis, the
         # API and the heartbeats, which need little but need it at once, are
         # not starved: on a 2-core machine they were, for seconds.
-        os.nice(CPU_NICENESS)
+        _lower_priority(get_settings().vllm_cpu_nice)
     kwargs = engine_kwargs(config, path, cpu=cpu)
     log.info("starting vLLM for %s from %s (%s)", config.name, path, "CPU" if cpu else "GPU")
     runner = Runner(kwargs)
@@ -52,7 +51,11 @@ def vllm_runtimes(
     from workers.engine.vllm.engine import VllmEngine
 
     engine = VllmEngine(
-        runner, loading.sink, n_slots=config.parallel, max_seqs=int(kwargs["max_num_seqs"])
+        runner,
+        loading.sink,
+        n_slots=config.parallel,
+        max_seqs=int(kwargs["max_num_seqs"]),
+        bulk_seqs=config.bulk_parallel,
     )
     tokenizer = engine.tokenizer
     prompts = PromptBuilder(
@@ -81,6 +84,19 @@ def vllm_runtimes(
         }
 
     return runtime, None, lambda: publish(loading.redis, config, props)
+
+
+def _lower_priority(niceness: int) -> None:
+    """This process and the engine processes it starts at `niceness`. Where
+    the kernel groups processes by session (autogroup), a process's own
+    niceness only ranks it within its session, so the session's group is
+    lowered too."""
+    os.nice(niceness)
+    try:
+        with open("/proc/self/autogroup", "w") as group:
+            group.write(str(niceness))
+    except OSError:
+        pass  # no autogroup scheduling here: niceness alone counts
 
 
 def _vllm_version() -> str:

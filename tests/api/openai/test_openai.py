@@ -250,7 +250,8 @@ def test_a_second_worker_shares_the_queue(served: Stack) -> None:
     try:
         # vLLM takes 15-30 s to start on 2 cores.
         deadline = time.monotonic() + 120
-        while len(_workers(served)) < 2:
+        # Its heartbeat, then its consumer: Celery logs "ready." once it takes jobs.
+        while len(_workers(served)) < 2 or " ready." not in log.read_text(errors="replace"):
             assert time.monotonic() < deadline, log.read_text()
             time.sleep(0.2)
 

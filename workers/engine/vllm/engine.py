@@ -8,6 +8,7 @@ BULK 1, vLLM runs lower values first)."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import os
 import signal
@@ -21,6 +22,7 @@ from workers.engine.interface import InvalidRequest
 from workers.engine.lifecycle import SHUTTING_DOWN, abandon, cancelled_answer, error, wait_bounded
 from workers.engine.options import SamplingError
 from workers.engine.types import (
+    BULK,
     PROMPT_TOKEN_BUDGET_S,
     TOKEN_BUDGET_S,
     EngineRequest,
@@ -36,7 +38,9 @@ log = logging.getLogger("inferq.vllm")
 
 
 class VllmEngine:
-    def __init__(self, runner: Runner, sink: EventSink, *, n_slots: int, max_seqs: int) -> None:
+    def __init__(
+        self, runner: Runner, sink: EventSink, *, n_slots: int, max_seqs: int, bulk_seqs: int
+    ) -> None:
         self._runner = runner
         self.sink = sink
         self.n_slots = n_slots
@@ -48,6 +52,14 @@ class VllmEngine:
         # Requests in the engine, and the coroutine serving each (loop only).
         self._running: dict[EngineRequest, asyncio.Task[None]] = {}
         self._progress: dict[EngineRequest, Progress] = {}
+        # Batch lines wait here while `bulk_seqs` of their sequences are in
+        # vLLM: its priority scheduling preempts lower priorities only when
+        # the KV cache runs out, never for a sequence slot (max_num_seqs), so
+        # batch lines beyond their share would hold the slots interactive
+        # requests need until they finish.
+        self._bulk_seqs = bulk_seqs
+        self._bulk_in_engine = 0
+        self._bulk_waiting: collections.deque[EngineRequest] = collections.deque()
         self._prompt_tokens = 0
         self._prompt_seconds = 0.0
         self._generated = 0
@@ -122,6 +134,7 @@ class VllmEngine:
             predicted_tokens=self._generated,
             predicted_seconds=self._generate_seconds,
             processing=len(running),
+            deferred=len(self._bulk_waiting),
         )
 
     def close(self) -> None:
@@ -136,6 +149,20 @@ class VllmEngine:
     # -- on the loop --------------------------------------------------------
 
     def _start(self, request: EngineRequest) -> None:
+        waits = self._bulk_waiting or not self._bulk_fits(request)
+        if request.priority == BULK and waits:
+            self._bulk_waiting.append(request)
+            return
+        self._launch(request)
+
+    def _bulk_fits(self, request: EngineRequest) -> bool:
+        # A line wider than the whole share still runs, alone.
+        in_engine = self._bulk_in_engine
+        return in_engine == 0 or in_engine + request.sampling.n <= self._bulk_seqs
+
+    def _launch(self, request: EngineRequest) -> None:
+        if request.priority == BULK:
+            self._bulk_in_engine += request.sampling.n
         progress = Progress(request)
         self._progress[request] = progress
         task = self._runner.loop.create_task(self._serve(request, progress))
@@ -147,8 +174,18 @@ class VllmEngine:
         if task is not None:
             # generate() aborts the request in vLLM when its consumer is cancelled.
             task.cancel()
+        elif request in self._bulk_waiting:
+            self._bulk_waiting.remove(request)
+            self._end(request, self._interrupted(request, Progress(request)))
+
+    def _next_bulk(self) -> None:
+        """Batch lines into vLLM while their sequences fit their share."""
+        while self._bulk_waiting and self._bulk_fits(self._bulk_waiting[0]):
+            self._launch(self._bulk_waiting.popleft())
 
     async def _stop_all(self) -> None:
+        while self._bulk_waiting:
+            self._stop(self._bulk_waiting[0])
         tasks = list(self._running.values())
         for task in tasks:
             task.cancel()
@@ -260,6 +297,9 @@ class VllmEngine:
         self._progress.pop(request, None)
         if request.result is None:
             self._end(request, self._interrupted(request, progress))
+        if request.priority == BULK:
+            self._bulk_in_engine -= request.sampling.n
+            self._next_bulk()
 
     def _finished(self, request: EngineRequest) -> None:
         request.finished.set()
