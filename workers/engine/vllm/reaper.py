@@ -24,7 +24,12 @@ POLL_S = 1.0
 
 def start(processes: list[psutil.Process]) -> subprocess.Popen[bytes]:
     """Watch `processes` (the engine's) on behalf of this process."""
-    targets = [f"{p.pid}:{p.create_time()}" for p in processes]
+    targets = []
+    for process in processes:
+        try:
+            targets.append(f"{process.pid}:{process.create_time()}")
+        except psutil.Error:
+            continue  # ended already
     return subprocess.Popen(
         [sys.executable, "-m", "workers.engine.vllm.reaper", *targets],
         stdin=subprocess.DEVNULL,
