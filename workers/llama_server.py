@@ -25,7 +25,7 @@ from workers.engine.llama.model import LlamaModel
 from workers.engine.llama.options import resolve_sampling
 from workers.engine.types import Sampling
 from workers.prompts import PromptShaper
-from workers.props import generation_settings, publish
+from workers.props import generation_settings, model_props, publish
 
 log = logging.getLogger(__name__)
 
@@ -194,26 +194,22 @@ def shapers(engine: LlamaEngine) -> dict[str, PromptShaper]:
 
 
 def publish_props(
-    client: redis.Redis, config: ModelConfig, engine: LlamaEngine, models_dir: Path
+    client: redis.Redis, config: ModelConfig, engine: LlamaEngine, path: Path
 ) -> None:
     """What llama-server's GET /props reports about a llama.cpp model."""
     model = engine.model
 
     def props() -> dict[str, Any]:
         job = GenerateJob(request_id="props", model=config.name, endpoint="llama.completion")
-        sampling = resolve_sampling(job, config, model)
-        return {
-            "model": config.name,
-            "model_path": str(config.model_path(models_dir)),
-            "n_ctx": engine.n_ctx_per_slot,
-            "params": generation_settings(sampling, n_ctx=engine.n_ctx_per_slot, model=config.name),
-            "chat_template": config.template.chat
-            or model.metadata("tokenizer.chat_template")
-            or "",
-            "bos_token": model.bos_text,
-            "eos_token": model.eos_text,
-            "build_info": f"inferq (llama-cpp-python {llama_cpp.__version__})",
-            "infill": supports_infill(model),
-        }
+        return model_props(
+            config,
+            path=path,
+            n_ctx=engine.n_ctx_per_slot,
+            sampling=resolve_sampling(job, config, model),
+            tokenizer=model,
+            tokenizer_template=model.metadata("tokenizer.chat_template"),
+            build_info=f"inferq (llama-cpp-python {llama_cpp.__version__})",
+            infill=supports_infill(model),
+        )
 
     publish(client, config, props)

@@ -216,7 +216,7 @@ def _llama_runtimes(
         if llama is not None:
             from workers.llama_server import publish_props
 
-            publish_props(loading.redis, config, llama, get_settings().models_dir)
+            publish_props(loading.redis, config, llama, path)
 
     return runtime, embed_runtime, announce
 

@@ -8,6 +8,7 @@ import json
 import logging
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import redis
@@ -15,6 +16,7 @@ import redis
 from schemas import keys
 from schemas.registry import ModelConfig
 from schemas.sampling import DEFAULT_SAMPLERS
+from workers.engine.interface import Tokenizer
 from workers.engine.types import Sampling
 
 log = logging.getLogger(__name__)
@@ -69,6 +71,33 @@ def generation_settings(sampling: Sampling, *, n_ctx: int, model: str) -> dict[s
         "grammar": sampling.grammar or "",
         "samplers": list(sampling.samplers if sampling.samplers is not None else DEFAULT_SAMPLERS),
         "cache_prompt": sampling.cache_prompt,
+    }
+
+
+def model_props(
+    config: ModelConfig,
+    *,
+    path: Path,
+    n_ctx: int,
+    sampling: Sampling,
+    tokenizer: Tokenizer,
+    tokenizer_template: str | None,
+    build_info: str,
+    infill: bool,
+) -> dict[str, Any]:
+    """What GET /props reports about a model, whichever engine serves it:
+    its default generation settings (`sampling`) and its vocabulary's
+    template and special tokens (the YAML's chat template first)."""
+    return {
+        "model": config.name,
+        "model_path": str(path),
+        "n_ctx": n_ctx,
+        "params": generation_settings(sampling, n_ctx=n_ctx, model=config.name),
+        "chat_template": config.template.chat or tokenizer_template or "",
+        "bos_token": tokenizer.bos_text,
+        "eos_token": tokenizer.eos_text,
+        "build_info": build_info,
+        "infill": infill,
     }
 
 

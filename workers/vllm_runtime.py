@@ -14,7 +14,7 @@ from schemas.settings import get_settings
 from schemas.templates import PromptBuilder
 from workers.embed import EmbedRuntime
 from workers.generate import Loading, WorkerRuntime
-from workers.props import generation_settings, publish
+from workers.props import model_props, publish
 
 log = logging.getLogger("inferq.worker")
 
@@ -68,20 +68,17 @@ def vllm_runtimes(
 
     def props() -> dict[str, Any]:
         job = GenerateJob(request_id="props", model=config.name, endpoint="completions")
-        sampling = engine.sampling_for(job, config)
-        n_ctx = engine.n_ctx_per_slot
-        return {
-            "model": config.name,
-            "model_path": str(path),
-            "n_ctx": n_ctx,
-            "params": generation_settings(sampling, n_ctx=n_ctx, model=config.name),
-            "chat_template": config.template.chat or tokenizer.chat_template or "",
-            "bos_token": tokenizer.bos_text,
-            "eos_token": tokenizer.eos_text,
-            "build_info": f"inferq (vLLM {_vllm_version()})",
-            "infill": False,
-            "backend": "vllm",
-        }
+        described = model_props(
+            config,
+            path=path,
+            n_ctx=engine.n_ctx_per_slot,
+            sampling=engine.sampling_for(job, config),
+            tokenizer=tokenizer,
+            tokenizer_template=tokenizer.chat_template,
+            build_info=f"inferq (vLLM {_vllm_version()})",
+            infill=False,
+        )
+        return {**described, "backend": "vllm"}
 
     return runtime, None, lambda: publish(loading.redis, config, props)
 

@@ -8,6 +8,7 @@ workers/engine/llama/options.py; for vLLM, workers/engine/vllm/options.py)."""
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, TypeVar
 
 from schemas.jobs import GenerateJob
@@ -123,3 +124,11 @@ def tool_call_schema(job: GenerateJob) -> dict[str, Any] | None:
     if not calls:
         raise SamplingError("tool_choice names no tool of this request", "tool_choice")
     return calls[0] if len(calls) == 1 else {"oneOf": calls}
+
+
+def call_or_free_text(call: str) -> str:
+    """A GBNF grammar whose `root` is a function call, widened for
+    tool_choice "auto": that call, or any text that does not open a JSON
+    object. Both llama.cpp's grammar sampler and vLLM's xgrammar read it."""
+    call = re.sub(r"^root ::=", "tool-call ::=", call, flags=re.MULTILINE)
+    return call + "\nroot ::= tool-call | free-text\nfree-text ::= [^{ \\t\\n] [^\\x00]*\n"

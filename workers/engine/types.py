@@ -15,7 +15,9 @@ import numpy.typing as npt
 
 from schemas.events import ChoiceResult, Done, ErrorEvent, Usage
 
-# Where EmbedRequest reports a failing callback, as the embedding engine logs.
+# Where EngineRequest and EmbedRequest report a failing finish callback, as
+# their engines log.
+log = logging.getLogger("inferq.engine")
 embed_log = logging.getLogger("inferq.embedding")
 
 # Request priorities: interactive requests always go first; bulk lines take
@@ -139,6 +141,16 @@ class EngineRequest:
                 return False
             self.result = result
             return True
+
+    def done(self) -> None:
+        """Wake the waiter, then run the finish callback (on the engine
+        thread, after the request's end was published)."""
+        self.finished.set()
+        if self.on_finish is not None:
+            try:
+                self.on_finish(self)
+            except Exception:
+                log.exception("finish callback of %s failed", self.request_id)
 
 
 def answer(

@@ -247,12 +247,7 @@ class LlamaEngine(Endings, EngineThread):
         # Waiters learn of the end only after its event went out, so a job is
         # never acknowledged before its client could hear the result.
         for request in self._finished:
-            request.finished.set()
-            if request.on_finish is not None:
-                try:
-                    request.on_finish(request)
-                except Exception:
-                    log.exception("finish callback of %s failed", request.request_id)
+            request.done()
         self._finished.clear()
 
     def _admit(self, out: Out) -> None:

@@ -5,7 +5,6 @@ function calls turned into GBNF."""
 from __future__ import annotations
 
 import json
-import re
 
 from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
 
@@ -14,7 +13,7 @@ from schemas.registry import ModelConfig
 from workers.engine.llama.limits import check_grammar_text
 from workers.engine.llama.model import LlamaModel
 from workers.engine.llama.sampling import check_grammar
-from workers.engine.options import SamplingError, resolve, tool_call_schema
+from workers.engine.options import SamplingError, call_or_free_text, resolve, tool_call_schema
 from workers.engine.types import Sampling
 
 # llama.cpp's JSON-schema converter writes a length or count bound out as that
@@ -67,10 +66,7 @@ def tool_call_grammar(job: GenerateJob) -> str | None:
     if schema is None:
         return None
     call = schema_to_gbnf(schema, "tools")
-    if job.tool_mode == "required":
-        return call
-    call = re.sub(r"^root ::=", "tool-call ::=", call, flags=re.MULTILINE)
-    return call + "\nroot ::= tool-call | free-text\nfree-text ::= [^{ \\t\\n] [^\\x00]*\n"
+    return call if job.tool_mode == "required" else call_or_free_text(call)
 
 
 def _grammar(job: GenerateJob, model: LlamaModel) -> str | None:

@@ -26,9 +26,8 @@ class VllmEmbedder:
         llm = runner.llm
         self._rank = rank
         self._max_input = min(max_input, int(llm.model_config.max_model_len))
-        self._tokenizer = HfTokenizer(llm.get_tokenizer(), llm.model_config.get_vocab_size())
+        self._tokenizer = HfTokenizer.of(llm)
         self._ids = itertools.count()
-        self._inputs = 0
         self._tokens = 0
 
     @property
@@ -62,7 +61,6 @@ class VllmEmbedder:
         try:
             rows = await asyncio.gather(*(self._encode(request, i) for i in request.inputs))
             request.vectors = [np.asarray(r, dtype=np.float32) for r in rows]
-            self._inputs += len(rows)
             self._tokens += sum(len(i) for i in request.inputs)
         except Exception as exc:
             log.exception("an embedding request failed in vLLM")

@@ -47,11 +47,10 @@ class VllmEngine:
         self._max_seqs = max_seqs
         llm = runner.llm
         self.n_ctx_per_slot = int(llm.model_config.max_model_len)
-        self._tokenizer = HfTokenizer(llm.get_tokenizer(), llm.model_config.get_vocab_size())
-        self._outbox = Outbox(sink, self._finished)
+        self._tokenizer = HfTokenizer.of(llm)
+        self._outbox = Outbox(sink, EngineRequest.done)
         # Requests in the engine, and the coroutine serving each (loop only).
         self._running: dict[EngineRequest, asyncio.Task[None]] = {}
-        self._progress: dict[EngineRequest, Progress] = {}
         # Batch lines wait here while `bulk_seqs` of their sequences are in
         # vLLM: its priority scheduling preempts lower priorities only when
         # the KV cache runs out, never for a sequence slot (max_num_seqs), so
@@ -127,13 +126,12 @@ class VllmEngine:
         self._runner.soon(lambda: self._stop(request))
 
     def metrics(self) -> WorkStats:
-        running = list(self._running)
         return WorkStats(
             prompt_tokens=self._prompt_tokens,
             prompt_seconds=self._prompt_seconds,
             predicted_tokens=self._generated,
             predicted_seconds=self._generate_seconds,
-            processing=len(running),
+            processing=len(self._running),
             deferred=len(self._bulk_waiting),
         )
 
@@ -164,7 +162,6 @@ class VllmEngine:
         if request.priority == BULK:
             self._bulk_in_engine += request.sampling.n
         progress = Progress(request)
-        self._progress[request] = progress
         task = self._runner.loop.create_task(self._serve(request, progress))
         self._running[request] = task
         task.add_done_callback(lambda _: self._settled(request, progress))
@@ -231,14 +228,13 @@ class VllmEngine:
                 events = progress.take(output)
                 if events:
                     self._outbox.put(events)
-        self._count(progress)
-        return progress.result()
-
-    def _count(self, progress: Progress) -> None:
-        prompt = len(progress.request.prompt_tokens)
-        self._prompt_tokens += max(prompt - progress.tokens_cached, 0)
-        self._generated += progress.n_generated
         done = progress.result()
+        self._count(done)
+        return done
+
+    def _count(self, done: Done) -> None:
+        self._prompt_tokens += max(done.usage.prompt_tokens - done.tokens_cached, 0)
+        self._generated += done.usage.completion_tokens
         if done.ttft_ms is not None:
             self._prompt_seconds += done.ttft_ms / 1000
             self._generate_seconds += max(done.duration_ms - done.ttft_ms, 0.0) / 1000
@@ -288,26 +284,17 @@ class VllmEngine:
         if request.publish:
             self._outbox.put([(request.request_id, encode(result))], ended=request)
         else:
-            self._finished(request)
+            request.done()
 
     def _settled(self, request: EngineRequest, progress: Progress) -> None:
         """The request's coroutine is done: forget it. One cancelled before it
         ever ran never reached _serve's handlers and ends here."""
         self._running.pop(request, None)
-        self._progress.pop(request, None)
         if request.result is None:
             self._end(request, self._interrupted(request, progress))
         if request.priority == BULK:
             self._bulk_in_engine -= request.sampling.n
             self._next_bulk()
-
-    def _finished(self, request: EngineRequest) -> None:
-        request.finished.set()
-        if request.on_finish is not None:
-            try:
-                request.on_finish(request)
-            except Exception:
-                log.exception("the finish callback of %s failed", request.request_id)
 
 
 def _empty(request: EngineRequest, progress: Progress) -> Done:

@@ -11,7 +11,7 @@ from schemas.jobs import LLAMA_ENDPOINTS, GenerateJob
 from schemas.registry import ModelConfig
 from schemas.sampling import DEFAULT_SAMPLERS
 from workers.engine.interface import Tokenizer
-from workers.engine.options import SamplingError, resolve, tool_call_schema
+from workers.engine.options import SamplingError, call_or_free_text, resolve, tool_call_schema
 from workers.engine.types import Sampling
 
 UNSUPPORTED = "unsupported_parameter"
@@ -75,17 +75,9 @@ def structured_output(job: GenerateJob) -> tuple[str | None, str | None]:
         return None, None
     if job.tool_mode == "required":
         return json.dumps(call), None
-    return None, free_text_or(call)
-
-
-def free_text_or(schema: dict[str, Any]) -> str:
-    """A grammar: a JSON object following `schema`, or text that does not
-    open one."""
     import xgrammar
 
-    call = str(xgrammar.Grammar.from_json_schema(json.dumps(schema)))
-    call = call.replace("root ::=", "tool_call ::=")
-    return call + "\nroot ::= tool_call | free_text\nfree_text ::= [^{ \\t\\n] [^\\x00]*\n"
+    return None, call_or_free_text(str(xgrammar.Grammar.from_json_schema(json.dumps(call))))
 
 
 def resolve_sampling(job: GenerateJob, config: ModelConfig, tokenizer: Tokenizer) -> Sampling:

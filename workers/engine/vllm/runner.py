@@ -32,7 +32,7 @@ class Runner:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        known = {f for f in AsyncEngineArgs.__dataclass_fields__}
+        known = set(AsyncEngineArgs.__dataclass_fields__)
         unknown = sorted(set(kwargs) - known)
         if unknown:
             raise ValueError(f"this vLLM release has no engine setting {', '.join(unknown)}")

@@ -29,6 +29,11 @@ class HfTokenizer:
         if types is not None and any(types) and tokenizer.sep_token_id is not None:
             self._pair_separator = int(tokenizer.sep_token_id)
 
+    @classmethod
+    def of(cls, llm: Any) -> HfTokenizer:
+        """The tokenizer of a running AsyncLLM, with its model's vocabulary size."""
+        return cls(llm.get_tokenizer(), llm.model_config.get_vocab_size())
+
     @property
     def n_vocab(self) -> int:
         return self._n_vocab
